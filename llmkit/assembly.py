@@ -1,0 +1,152 @@
+"""Blocks as modules, and binding impls into a module tree once, at build time.
+
+A `Block` owns its parameters (as the kind declares them). Binding an impl sets the instance's
+`forward` to the impl's function bound to the block, so calling a block costs exactly what calling a
+hand-written module costs (no wrapper frame), and no registry or pluggy code runs during a forward. `assemble` resolves every block of a module tree for a target and binds all of
+them, or none when any block cannot be resolved.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from .errors import FallbackWarning, LlmkitError, PluginContractError, ResolutionError
+from .impls import Impl
+from .kinds import BlockKind
+from .plan import Plan, PlanEntry
+from .registry import Registry, default_registry
+from .resolve import Selection
+from .target import Target
+
+
+class Block(nn.Module):
+    """One block of a given kind and config; `forward` is the bound impl's forward."""
+
+    impl: Impl | None
+
+    def __init__(
+        self,
+        kind: BlockKind,
+        config: BaseModel | Mapping[str, Any],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.config = kind.parse_config(config)
+        self.impl = None
+        for name, spec in kind.param_specs(self.config).items():
+            if hasattr(self, name):
+                raise PluginContractError(f"block kind {kind.id}: parameter name {name!r} is reserved")
+            self.register_parameter(
+                name, nn.Parameter(torch.empty(spec.shape, device=device, dtype=dtype))
+            )
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialise parameters as the kind declares (skipped on the meta device)."""
+        with torch.no_grad():
+            for name, spec in self.kind.param_specs(self.config).items():
+                p = getattr(self, name)
+                if p.is_meta:
+                    continue
+                if spec.init == "ones":
+                    p.fill_(1.0)
+                elif spec.init == "zeros":
+                    p.zero_()
+                else:
+                    p.normal_(0.0, spec.std, generator=generator)
+
+    def bind(self, impl: Impl, target: Target) -> None:
+        """Run the impl's build-time `prepare`, then route `forward` to it."""
+        self._prepare(impl, target)
+        self._route(impl)
+
+    def _prepare(self, impl: Impl, target: Target) -> None:
+        if impl.kind != self.kind.id:
+            raise LlmkitError(f"cannot bind {impl.qualname} (an impl of {impl.kind}) to a {self.kind.id} block")
+        if impl.prepare is not None:
+            impl.prepare(self, target)
+
+    def _route(self, impl: Impl) -> None:
+        self.impl = impl
+        # an instance attribute shadows the class's `forward`; nn.Module.__call__ looks it up there
+        self.forward = types.MethodType(impl.forward, self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the bound method points at this very block; a copy must rebind to itself
+        state = super().__getstate__()
+        state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.impl is not None:
+            self._route(self.impl)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Only reached while no impl is bound (binding replaces it on the instance)."""
+        raise LlmkitError(
+            f"block {self.kind.id} has no impl bound; build the model through llmkit "
+            "(llmkit.assemble or llmkit.build), which resolves and binds every block"
+        )
+
+    def extra_repr(self) -> str:
+        impl = self.impl.qualname if self.impl else "unbound"
+        return f"{self.kind.id}, impl={impl}"
+
+
+def assemble(
+    model: nn.Module,
+    target: Target,
+    selection: Selection | None = None,
+    registry: Registry | None = None,
+) -> Plan:
+    """Resolve and bind every `Block` in `model` for `target`; return the dispatch plan.
+
+    All blocks are resolved and prepared before any is routed to its new impl, so an error (an
+    unhonourable pin, a strict-policy fallback, a failing prepare) leaves the forward path as it was. Fallbacks raise one `FallbackWarning`.
+    """
+    registry = registry or default_registry()
+    selection = selection or Selection()
+    registry.check_selection(selection)
+    blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, Block)]
+    if not blocks:
+        raise LlmkitError(f"{type(model).__name__} contains no llmkit Block to resolve")
+    entries = []
+    for path, block in blocks:
+        try:
+            res = registry.resolve(block.kind.id, block.config, target, selection)
+        except ResolutionError as exc:
+            raise ResolutionError(f"{path or '<root>'}: {exc}") from None
+        entries.append(PlanEntry(path, res))
+    for entry, (path, block) in zip(entries, blocks):
+        impl = entry.resolution.impl
+        try:
+            block._prepare(impl, target)
+        except Exception as exc:
+            raise LlmkitError(
+                f"{path}: prepare of {impl.qualname} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+    for entry, (_, block) in zip(entries, blocks):
+        block._route(entry.resolution.impl)
+    plan = Plan(target, selection, tuple(entries))
+    if plan.fallbacks:
+        by_kind = sorted({(e.resolution.kind, e.resolution.impl.qualname, e.resolution.reason) for e in plan.fallbacks})
+        warnings.warn(
+            FallbackWarning(
+                f"{len(plan.fallbacks)} of {len(entries)} blocks fall back from backend "
+                f"{target.backend!r}: " + "; ".join(f"{k} -> {i} ({r})" for k, i, r in by_kind)
+            ),
+            stacklevel=2,
+        )
+    return plan

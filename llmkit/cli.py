@@ -1,0 +1,151 @@
+"""The `llmkit` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from . import info as _info
+from .errors import LlmkitError, LlmkitWarning
+from .registry import default_registry
+from .resolve import POLICIES, Selection, describe_target
+from .target import MODES
+
+
+def _kv(text: str, flag: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise LlmkitError(f"{flag} expects KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def add_target_options(p: argparse.ArgumentParser) -> None:
+    """Options every command that resolves blocks shares (build, generate, bench, ...)."""
+    g = p.add_argument_group("target and selection")
+    g.add_argument("--backend", default="cpu", help="backend that runs the model (default: cpu)")
+    g.add_argument("--device", default=None, help="device, e.g. cpu, cuda:1; 'meta' plans without hardware")
+    g.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")
+    g.add_argument("--mode", default="infer", choices=MODES)
+    g.add_argument("--policy", default="auto", choices=POLICIES,
+                   help="auto: best eligible impl, reference fallback; reference: reference impls "
+                        "only; strict: a fallback from the backend is an error")
+    g.add_argument("--strict", action="store_true", help="same as --policy strict")
+    g.add_argument("--impl", action="append", default=[], metavar="KIND=IMPL",
+                   help="pin a block kind to an impl (cpu.sdpa) or a backend (cpu); repeatable")
+    g.add_argument("--deny", action="append", default=[], metavar="KIND=IMPL",
+                   help="never use this impl or backend for the kind; repeatable")
+    g.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE",
+                   help="inject a device fact instead of reading the device (with --device meta)")
+
+
+def target_from_args(args: argparse.Namespace, registry: Any) -> tuple[Any, Selection]:
+    facts = dict(_kv(f, "--fact") for f in args.fact) if args.fact else None
+    target = registry.target(args.backend, device=args.device, dtype=args.dtype, mode=args.mode, facts=facts)
+    selection = Selection.make(args.policy, args.impl, args.deny, strict=args.strict)
+    registry.check_selection(selection)
+    return target, selection
+
+
+def cmd_info(args: argparse.Namespace, console: Console) -> int:
+    data = _info.collect(default_registry(), peak=args.peak)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        console.print(_info.render(data))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, console: Console) -> int:
+    registry = default_registry()
+    kind = registry.kind(args.kind)
+    raw: dict[str, Any] = json.loads(args.config) if args.config else {}
+    raw.update(_kv(s, "--set") for s in args.set)
+    try:
+        config = kind.parse_config(raw)
+    except ValidationError as exc:
+        raise LlmkitError(_format_validation(kind.id, exc)) from None
+    target, selection = target_from_args(args, registry)
+    res = registry.resolve(kind, config, target, selection)
+    if args.json:
+        print(json.dumps({"target": target.to_dict(), "selection": selection.to_dict(),
+                          "config": config.model_dump(), **res.to_dict()}, indent=2))
+        return 0
+    table = Table(title=f"{kind.id} on {describe_target(target)}, policy {selection.policy}",
+                  title_justify="left")
+    for col in ("impl", "priority", "status", "reasons"):
+        table.add_column(col)
+    for impl in registry.impls_for(kind.id):
+        rejection = next((r for r in res.rejected if r.impl == impl.qualname), None)
+        if impl is res.impl:
+            status, why = ("fallback" if res.fallback else "chosen"), res.reason
+        elif rejection is None:
+            status, why = "eligible", "lower in the order (backend, priority, name)"
+        else:
+            status, why = "rejected", "; ".join(rejection.reasons)
+        style = {"chosen": "green", "fallback": "yellow", "rejected": "dim"}.get(status)
+        table.add_row(impl.qualname, str(impl.priority), status, why, style=style)
+    console.print(f"config: {config.model_dump()}")
+    console.print(table)
+    return 0
+
+
+def _format_validation(kind_id: str, exc: ValidationError) -> str:
+    lines = [f"invalid {kind_id} config:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<config>"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmkit", description="Modular, hardware-portable LLM assembly kit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="installed plugins, backends and the block x backend impl table")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--peak", action="store_true", help="measure each available backend's peak FLOP/s and bandwidth")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("explain", help="which impl would run one block config on a target, and why not the others")
+    p.add_argument("kind", help="block kind, e.g. norm or norm@1")
+    p.add_argument("--config", help="block config as JSON")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config field; repeatable")
+    p.add_argument("--json", action="store_true")
+    add_target_options(p)
+    p.set_defaults(func=cmd_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    err = Console(stderr=True, soft_wrap=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LlmkitWarning)
+        try:
+            code = args.func(args, console)
+        except LlmkitError as exc:
+            err.print(f"[bold red]llmkit: error:[/] {exc}", highlight=False, markup=True)
+            code = 2
+        except json.JSONDecodeError as exc:
+            err.print(f"[bold red]llmkit: error:[/] --config is not valid JSON: {exc}")
+            code = 2
+    for w in caught:
+        if issubclass(w.category, LlmkitWarning):
+            err.print(f"[yellow]llmkit: warning:[/] {w.message}", highlight=False)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The dispatch plan of a built model: which impl runs each block, why, and why not the others."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+
+from .resolve import Resolution, Selection
+from .target import Target
+
+_LAYER = re.compile(r"^(?P<prefix>.*?)\b(?P<index>\d+)\.(?P<slot>.+)$")
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    path: str  # dotted module path of the block, e.g. "layers.3.mlp"
+    resolution: Resolution
+
+    @property
+    def layer(self) -> int | None:
+        m = _LAYER.match(self.path)
+        return int(m["index"]) if m else None
+
+    @property
+    def slot(self) -> str:
+        """The path without its layer prefix ("layers.3.mlp" -> "mlp")."""
+        m = _LAYER.match(self.path)
+        return m["slot"] if m else self.path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "layer": self.layer, "block": self.slot, **self.resolution.to_dict()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: Target
+    selection: Selection
+    entries: tuple[PlanEntry, ...]
+
+    @property
+    def fallbacks(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.resolution.fallback]
+
+    def impl_of(self, path: str) -> str:
+        for e in self.entries:
+            if e.path == path:
+                return e.resolution.impl.qualname
+        raise KeyError(path)
+
+    def counts(self) -> dict[str, int]:
+        """Blocks per chosen impl, e.g. {"cpu.sdpa": 32, "reference.eager": 1}."""
+        return dict(sorted(Counter(e.resolution.impl.qualname for e in self.entries).items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target.to_dict(),
+            "selection": self.selection.to_dict(),
+            "blocks": [e.to_dict() for e in self.entries],
+            "summary": {"blocks": len(self.entries), "fallbacks": len(self.fallbacks), "impls": self.counts()},
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def _groups(self) -> list[tuple[str, str, Resolution]]:
+        """One row per (slot, resolution), listing the layers that share it, in first-seen order."""
+        groups: dict[tuple[bool, str, int], tuple[list[int], Resolution]] = {}
+        for e in self.entries:
+            # blocks outside any layer (embedding, final norm) never merge with layer blocks
+            key = (e.layer is None, e.slot, id(e.resolution))
+            layers, _ = groups.setdefault(key, ([], e.resolution))
+            if e.layer is not None:
+                layers.append(e.layer)
+        return [(_compact(layers), slot, res) for (_, slot, _), (layers, res) in groups.items()]
+
+    def render(self) -> Group:
+        t = self.target
+        chosen = Table(
+            title=f"Dispatch plan: backend {t.backend}, device {t.device}, {t.to_dict()['dtype']}, "
+            f"mode {t.mode}, policy {self.selection.policy}",
+            title_justify="left",
+        )
+        for col in ("layers", "block", "kind", "impl", "reason"):
+            chosen.add_column(col)
+        rejected = Table(title="Rejected candidates", title_justify="left")
+        for col in ("layers", "block", "candidate", "reasons"):
+            rejected.add_column(col)
+        for where, slot, res in self._groups():
+            style = "yellow" if res.fallback else None
+            chosen.add_row(where, slot, res.kind, res.impl.qualname, res.reason, style=style)
+            for r in res.rejected:
+                rejected.add_row(where, slot, r.impl, "; ".join(r.reasons))
+        parts: list[Any] = [chosen]
+        if rejected.row_count:
+            parts.append(rejected)
+        return Group(*parts)
+
+    def print(self, console: Console | None = None) -> None:
+        (console or Console()).print(self.render())
+
+
+def _compact(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"; blocks outside any layer ([]) -> "-"."""
+    nums = sorted(layers)
+    if not nums:
+        return "-"
+    runs: list[list[int]] = []
+    for n in nums:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
