@@ -1,0 +1,86 @@
+"""Feed-forward blocks, kind `mlp@1`: gated (SwiGLU, GeGLU) and ungated (GELU, ReLU) MLPs.
+
+gated:   y = W_down (act(W_gate x + b_gate) * (W_up x + b_up)) + b_down
+ungated: y = W_down act(W_up x + b_up) + b_down
+
+Matches transformers' LlamaMLP (gated, silu), GemmaMLP (gated, gelu_tanh), Grok-1's experts
+(GeGLU with tanh GELU) and GPT-2-style MLPs (ungated). Weights are stored [out, in] like
+nn.Linear; biases only when `bias: true`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, PositiveInt
+
+from llmkit.hookspecs import BlockKind, ParamSpec
+
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
+
+
+class MLPConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    d_model: PositiveInt
+    hidden: PositiveInt
+    gated: bool = True
+    activation: Activation = "silu"
+    """silu (SwiGLU); gelu = erf GELU; gelu_tanh = tanh-approximated GELU (Gemma, Grok-1); relu."""
+    bias: bool = False
+
+
+def params(c: MLPConfig) -> dict[str, ParamSpec]:
+    out = {}
+    if c.gated:
+        out["w_gate"] = ParamSpec((c.hidden, c.d_model))
+    out["w_up"] = ParamSpec((c.hidden, c.d_model))
+    out["w_down"] = ParamSpec((c.d_model, c.hidden))
+    if c.bias:
+        if c.gated:
+            out["b_gate"] = ParamSpec((c.hidden,), init="zeros")
+        out["b_up"] = ParamSpec((c.hidden,), init="zeros")
+        out["b_down"] = ParamSpec((c.d_model,), init="zeros")
+    return out
+
+
+def features(c: MLPConfig) -> set[str]:
+    out = {"gated" if c.gated else "ungated", f"act_{c.activation}"}
+    if c.bias:
+        out.add("bias")
+    return out
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return F.relu(x)
+
+
+def mlp(block: Any, x: torch.Tensor) -> torch.Tensor:
+    """Apply the (gated) MLP to the last dimension of `x`."""
+    c: MLPConfig = block.config
+    up = F.linear(x, block.w_up, block.b_up if c.bias else None)
+    if c.gated:
+        gate = F.linear(x, block.w_gate, block.b_gate if c.bias else None)
+        h = activation(c.activation, gate) * up
+    else:
+        h = activation(c.activation, up)
+    return F.linear(h, block.w_down, block.b_down if c.bias else None)
+
+
+KIND = BlockKind(
+    name="mlp",
+    version=1,
+    config=MLPConfig,
+    params=params,
+    reference=mlp,
+    features=features,
+    summary="gated (SwiGLU/GeGLU) or ungated (GELU/ReLU) feed-forward",
+)
