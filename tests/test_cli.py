@@ -1,0 +1,97 @@
+"""The `llmkit` command line: info and explain, output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import llmkit.registry
+from llmkit.cli import main
+
+
+@pytest.fixture
+def cli(with_plugins, monkeypatch, capsys):
+    """Run `llmkit ARGS` in process with blocks, cpu and testvendor; return (code, out, err)."""
+    monkeypatch.setenv("LLMKIT_PLUGINS", "blocks,cpu,testvendor")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(llmkit.registry, "_default", None)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_info_shows_plugins_backends_and_the_impl_table(cli) -> None:
+    code, out, err = cli("info")
+    assert code == 0 and err == ""
+    for text in ("llmkit-testvendor 1.2.3", "Backends", "testvendor", "rmsnorm, rmsnorm_lowp",
+                 "Block kinds x backends", "(block, x, tied_weight=None)"):
+        assert text in out, text
+
+
+def test_info_json_describes_impl_capabilities(cli) -> None:
+    code, out, _ = cli("info", "--json")
+    info = json.loads(out)
+    norm = next(k for k in info["block_kinds"] if k["id"] == "norm@1")
+    assert norm["by_backend"] == {"reference": ["eager"], "cpu": [], "testvendor": ["rmsnorm", "rmsnorm_lowp"]}
+    rms = next(i for i in norm["impls"] if i["impl"] == "testvendor.rmsnorm")
+    assert rms["dtypes"] == ["float32", "float64"] and rms["constraints"] == {"dim": "<= 8192, multiple of 8"}
+    assert rms["plugin"] == "testvendor"
+    cpu = next(b for b in info["backends"] if b["name"] == "cpu")
+    assert cpu["available"] and cpu["device_facts"]["arch"] and cpu["peak"] is None
+
+
+def test_info_peak_measures_the_cpu(cli) -> None:
+    _, out, _ = cli("info", "--json", "--peak")
+    peak = next(b for b in json.loads(out)["backends"] if b["name"] == "cpu")["peak"]
+    assert peak["flops_per_s"] > 1e8 and peak["bytes_per_s"] > 1e8
+    assert peak["source"].startswith("measured: best of 5 torch.mm 1024x1024x1024 in float32")
+
+
+def test_explain_shows_the_choice_and_every_rejection(cli) -> None:
+    code, out, _ = cli("explain", "norm", "--set", "dim=60", "--backend", "testvendor")
+    assert code == 0
+    assert "dim=60 is not a multiple of 8" in out
+    assert "testvendor.rmsnorm_lowp" in out and "chosen" in out
+    code, out, _ = cli("explain", "norm", "--config", '{"dim": 60}', "--backend", "testvendor", "--json")
+    data = json.loads(out)
+    assert data["impl"] == "testvendor.rmsnorm_lowp"
+    assert data["rejected"] == [{"impl": "testvendor.rmsnorm", "reasons": ["dim=60 is not a multiple of 8"]}]
+
+
+def test_explain_with_injected_facts_on_meta(cli) -> None:
+    _, out, _ = cli("explain", "mlp", "--set", "d_model=64", "--set", "hidden=128", "--backend", "testvendor",
+                    "--device", "meta", "--fact", "generation=1", "--json")
+    data = json.loads(out)
+    assert data["target"]["facts"] == {"generation": 1} and data["impl"] == "reference.eager"
+    assert "needs a generation >= 2 device (target has generation 1)" in data["rejected"][0]["reasons"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["explain", "norm", "--set", "dim=64", "--strict"],
+     "policy 'strict': norm@1 would fall back to reference.eager on backend 'cpu' (cpu, float32, infer); backend 'cpu' registers no impl of norm@1"),
+    (["explain", "norm", "--set", "dim=64", "--set", "bias=true"],
+     "invalid norm@1 config:\n  <config>: Value error, bias applies to LayerNorm only"),
+    (["explain", "norm", "--set", "dim=64", "--backend", "testvendor", "--impl", "norm=testvendor.rmsnorm", "--dtype", "fp16"],
+     "cannot honour pin norm=testvendor.rmsnorm for norm@1 on backend 'testvendor' (cpu, float16, infer):\n  - testvendor.rmsnorm: dtype float16 not declared"),
+    (["explain", "nrom"], "unknown block kind 'nrom'"),
+    (["explain", "norm", "--set", "dim=8", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["explain", "norm", "--config", "{dim: 3}"], "--config is not valid JSON"),
+    (["explain", "norm", "--set", "dim"], "--set expects KEY=VALUE, got 'dim'"),
+])
+def test_errors_exit_2_with_a_precise_message(cli, args, message) -> None:
+    code, out, err = cli(*args)
+    assert code == 2 and out == ""
+    assert err.startswith("llmkit: error: ") and message in err, err
+
+
+def test_console_script_is_installed() -> None:
+    exe = __import__("pathlib").Path(sys.executable).parent / "llmkit"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
+    assert "info" in out.stdout and "explain" in out.stdout
