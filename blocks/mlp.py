@@ -24,6 +24,8 @@ Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 class MLPConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    type: Literal["mlp"] = "mlp"
+    """Tag that tells a dense MLP from a MoE (`type: moe`) in a layer's `mlp` slot."""
     d_model: PositiveInt
     hidden: PositiveInt
     gated: bool = True

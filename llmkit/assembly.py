@@ -47,13 +47,21 @@ class Block(nn.Module):
         for name, spec in kind.param_specs(self.config).items():
             if hasattr(self, name):
                 raise PluginContractError(f"block kind {kind.id}: parameter name {name!r} is reserved")
+            p_dtype = torch.float32 if spec.dtype == "float32" else dtype
             self.register_parameter(
-                name, nn.Parameter(torch.empty(spec.shape, device=device, dtype=dtype))
+                name, nn.Parameter(torch.empty(spec.shape, device=device, dtype=p_dtype))
             )
         self.reset_parameters(generator)
+        for name, (child_kind, child_config) in kind.child_specs(self.config).items():
+            if hasattr(self, name):
+                raise PluginContractError(f"block kind {kind.id}: child name {name!r} is taken")
+            self.add_module(
+                name,
+                Block(child_kind, child_config, device=device, dtype=dtype, generator=generator),
+            )
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Initialise parameters as the kind declares (skipped on the meta device)."""
+        """Initialise this block's own parameters as its kind declares (skipped on meta)."""
         with torch.no_grad():
             for name, spec in self.kind.param_specs(self.config).items():
                 p = getattr(self, name)
@@ -76,6 +84,15 @@ class Block(nn.Module):
             raise LlmkitError(f"cannot bind {impl.qualname} (an impl of {impl.kind}) to a {self.kind.id} block")
         if impl.prepare is not None:
             impl.prepare(self, target)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Block:
+        # .to(dtype)/.half()/.bfloat16() all come here: float32-pinned parameters stay float32
+        out = super()._apply(fn, recurse)
+        for name, spec in self.kind.param_specs(self.config).items():
+            p = getattr(self, name)
+            if spec.dtype == "float32" and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        return out
 
     def _route(self, impl: Impl) -> None:
         self.impl = impl

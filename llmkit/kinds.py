@@ -32,6 +32,8 @@ class ParamSpec:
     shape: tuple[int, ...]
     init: Literal["normal", "ones", "zeros"] = "normal"
     std: float = 0.02
+    dtype: Literal["float32"] | None = None
+    """Keep this parameter in float32 whatever the model dtype (e.g. a router's correction bias)."""
 
     def __post_init__(self) -> None:
         shape = tuple(self.shape)
@@ -50,6 +52,9 @@ class BlockKind:
     params: Callable[[Any], Mapping[str, ParamSpec]]
     reference: Callable[..., Any]
     features: Callable[[Any], Iterable[str]] | None = None
+    children: Callable[[Any], Mapping[str, tuple[BlockKind, Any]]] | None = None
+    """Sub-blocks a block of this config owns (e.g. attention's RoPE and QK-norms), by attribute
+    name: each is resolved to its own impl, and its parameters nest under that name."""
     summary: str = ""
 
     def __post_init__(self) -> None:
@@ -107,6 +112,18 @@ class BlockKind:
                     f"got {name!r}: {spec!r}"
                 )
         return specs
+
+    def child_specs(self, config: BaseModel) -> dict[str, tuple[BlockKind, BaseModel]]:
+        if self.children is None:
+            return {}
+        out = {}
+        for name, (kind, child_config) in self.children(config).items():
+            if not name.isidentifier() or not isinstance(kind, BlockKind):
+                raise PluginContractError(
+                    f"block kind {self.id}: children() must map identifiers to (BlockKind, config)"
+                )
+            out[name] = (kind, kind.parse_config(child_config))
+        return out
 
     def required_features(self, config: BaseModel) -> frozenset[str]:
         return frozenset(self.features(config)) if self.features else frozenset()

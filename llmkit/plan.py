@@ -14,7 +14,7 @@ from rich.table import Table
 from .resolve import Resolution, Selection
 from .target import Target
 
-_LAYER = re.compile(r"^(?P<prefix>.*?)\b(?P<index>\d+)\.(?P<slot>.+)$")
+_LAYER = re.compile(r"^(?:.*?\.)?(?P<index>\d+)(?:\.(?P<slot>.+))?$")
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,11 @@ class PlanEntry:
 
     @property
     def slot(self) -> str:
-        """The path without its layer prefix ("layers.3.mlp" -> "mlp")."""
+        """The path without its layer prefix ("layers.3.mlp" -> "mlp", "layers.3" -> "(layer)")."""
         m = _LAYER.match(self.path)
-        return m["slot"] if m else self.path
+        if not m:
+            return self.path
+        return m["slot"] or "(layer)"
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "layer": self.layer, "block": self.slot, **self.resolution.to_dict()}

@@ -1,0 +1,69 @@
+"""The per-layer cache protocol that attention-like blocks use during generation.
+
+A `LayerCache` holds named per-token tensors laid out [B, S, ...] (sequence on dim 1) and the
+positions [B, S] of those tokens. A block calls `extend(positions, **new)` with the T tokens of
+the current step; it gets back everything it may attend to (cached + new) and the cache keeps
+the new tokens for later steps. Prefill (empty cache, T tokens), single-token decode and chunked
+prefill (T tokens after a cached prefix) are the same call. With `max_tokens` (a sliding window
+of W keys) the cache keeps only the last W tokens, so a windowed layer never holds more.
+
+What is cached is the block's business: k and v for standard attention; the compressed latent
+and the shared RoPE key for MLA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import LlmkitError
+
+
+class LayerCache:
+    def __init__(self, max_tokens: int | None = None) -> None:
+        if max_tokens is not None and max_tokens < 1:
+            raise LlmkitError(f"LayerCache max_tokens must be >= 1, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.positions: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    def extend(
+        self, positions: torch.Tensor, **new: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Append T tokens ([B, T, ...] each, positions [B, T]); return cached+new and their positions."""
+        b, t = positions.shape
+        for name, value in new.items():
+            if value.shape[:2] != (b, t):
+                raise LlmkitError(
+                    f"cache tensor {name!r} has shape {tuple(value.shape)}, expected [{b}, {t}, ...]"
+                )
+        if self.positions is None:
+            full, full_pos = dict(new), positions
+        else:
+            if set(new) != set(self.tensors):
+                raise LlmkitError(f"cache holds {sorted(self.tensors)}, got {sorted(new)}")
+            full = {k: torch.cat([self.tensors[k], v], dim=1) for k, v in new.items()}
+            full_pos = torch.cat([self.positions, positions], dim=1)
+        if self.max_tokens is None:
+            self.tensors, self.positions = full, full_pos
+        else:
+            self.tensors = {k: v[:, -self.max_tokens:] for k, v in full.items()}
+            self.positions = full_pos[:, -self.max_tokens:]
+        return full, full_pos
+
+    def values_per_token(self) -> int:
+        """Cached numbers per token per batch row (e.g. 2 * n_kv_heads * head_dim for k and v)."""
+        return sum(math.prod(v.shape[2:]) for v in self.tensors.values())
+
+
+def as_positions(positions: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """Accept positions as [T] or [B, T]; return [B, T] int64 (a negative position marks padding)."""
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0).expand(batch, -1)
+    if tuple(positions.shape) != (batch, length):
+        raise LlmkitError(f"positions have shape {tuple(positions.shape)}, expected [{batch}, {length}] or [{length}]")
+    return positions.long()
