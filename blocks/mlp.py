@@ -65,16 +65,36 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     return F.relu(x)
 
 
+def feed_forward(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation_name: str,
+    w_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The formula of the module docstring; gated when `w_gate` is given (shared with moe@1's experts)."""
+    up = F.linear(x, w_up, b_up)
+    if w_gate is not None:
+        h = activation(activation_name, F.linear(x, w_gate, b_gate)) * up
+    else:
+        h = activation(activation_name, up)
+    return F.linear(h, w_down, b_down)
+
+
 def mlp(block: Any, x: torch.Tensor) -> torch.Tensor:
     """Apply the (gated) MLP to the last dimension of `x`."""
     c: MLPConfig = block.config
-    up = F.linear(x, block.w_up, block.b_up if c.bias else None)
-    if c.gated:
-        gate = F.linear(x, block.w_gate, block.b_gate if c.bias else None)
-        h = activation(c.activation, gate) * up
-    else:
-        h = activation(c.activation, up)
-    return F.linear(h, block.w_down, block.b_down if c.bias else None)
+    bias = c.bias
+    return feed_forward(
+        x, block.w_up, block.w_down, c.activation,
+        w_gate=block.w_gate if c.gated else None,
+        b_up=block.b_up if bias else None,
+        b_down=block.b_down if bias else None,
+        b_gate=block.b_gate if bias and c.gated else None,
+    )
 
 
 KIND = BlockKind(

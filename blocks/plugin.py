@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from llmkit.hookspecs import BlockKind, hookimpl
 
-from . import embedding, mlp, norm
+from . import attention, embedding, layer, mlp, moe, norm, positional
 
 LLMKIT_PLUGIN_API = 1
 
 
 @hookimpl
 def llmkit_block_kinds() -> list[BlockKind]:
-    return [embedding.EMBEDDING, embedding.HEAD, mlp.KIND, norm.KIND]
+    return [
+        attention.ATTENTION,
+        attention.MLA,
+        embedding.EMBEDDING,
+        embedding.HEAD,
+        layer.KIND,
+        mlp.KIND,
+        moe.KIND,
+        norm.KIND,
+        positional.KIND,
+    ]

@@ -6,7 +6,43 @@ import torch
 from torch import nn
 
 from .assembly import Block
-from .registry import Registry
+from .registry import Registry, reference_impl
+from .target import Target
+
+
+def bind_reference(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Bind every Block in `module` to its kind's reference impl, without a registry.
+
+    For testing block semantics directly; models for use go through `assemble`.
+    """
+    for m in module.modules():
+        if isinstance(m, Block):
+            p = next(m.parameters(), None)
+            dt = dtype or (p.dtype if p is not None else torch.get_default_dtype())
+            m.bind(reference_impl(m.kind), Target(backend="cpu", device="cpu", dtype=dt))
+    return module
+
+
+def randomize(module: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+    """Give every Block test weights under which each quirk of a config is visible.
+
+    Default init (std 0.02) makes attention nearly uniform and hides soft-caps, scalings and clamps
+    (DESIGN.md, "Testing against outside oracles"): weights and biases get std 0.1 here, and norm
+    weights 1 + 0.2 N(0, 1) (0.2 N(0, 1) when the norm scales by 1 + w).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if not isinstance(m, Block):
+                continue
+            for name, p in m.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                if m.kind.name == "norm" and name == "weight":
+                    value = 0.2 * noise + (0.0 if m.config.unit_offset else 1.0)
+                else:
+                    value = std * noise
+                p.copy_(value)
+    return module
 
 
 class _MLPLayer(nn.Module):

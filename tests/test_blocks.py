@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from llmkit import Block, Registry
+from llmkit.testing import randomize
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
@@ -28,14 +29,6 @@ def reg() -> Registry:
     return Registry.load(allow=["blocks", "cpu"])
 
 
-def _randomise(block: Block, seed: int = 0) -> Block:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.2 + (1 if p.ndim == 1 else 0))
-    return block
-
-
 def test_rmsnorm_hand_computed(reg) -> None:
     b = ref_block(reg, "norm", {"dim": 2, "eps": 1e-6})
     x = torch.tensor([3.0, 4.0], dtype=torch.float64)
@@ -44,11 +37,11 @@ def test_rmsnorm_hand_computed(reg) -> None:
 
 def test_rmsnorm_and_layernorm_match_torch_functional_in_float64(reg) -> None:
     x = torch.randn(3, 5, 16, dtype=torch.float64)
-    rms = _randomise(ref_block(reg, "norm", {"dim": 16, "eps": 1e-5}))
+    rms = randomize(ref_block(reg, "norm", {"dim": 16, "eps": 1e-5}))
     torch.testing.assert_close(rms(x), F.rms_norm(x, (16,), rms.weight, eps=1e-5), rtol=0, atol=1e-14)
-    ln = _randomise(ref_block(reg, "norm", {"type": "layer", "dim": 16, "eps": 1e-5, "bias": True}))
+    ln = randomize(ref_block(reg, "norm", {"type": "layer", "dim": 16, "eps": 1e-5, "bias": True}))
     torch.testing.assert_close(ln(x), F.layer_norm(x, (16,), ln.weight, ln.bias, eps=1e-5), rtol=0, atol=1e-14)
-    nob = _randomise(ref_block(reg, "norm", {"type": "layer", "dim": 16}))
+    nob = randomize(ref_block(reg, "norm", {"type": "layer", "dim": 16}))
     assert "bias" not in dict(nob.named_parameters())
     torch.testing.assert_close(nob(x), F.layer_norm(x, (16,), nob.weight, None, eps=1e-6), rtol=0, atol=1e-14)
 
@@ -109,7 +102,7 @@ def test_gated_mlp_scalar_case_by_hand(reg, activation, fn) -> None:
 
 
 def test_ungated_mlp_matches_two_linears(reg) -> None:
-    b = _randomise(ref_block(reg, "mlp", {"d_model": 6, "hidden": 10, "gated": False, "activation": "gelu", "bias": True}))
+    b = randomize(ref_block(reg, "mlp", {"d_model": 6, "hidden": 10, "gated": False, "activation": "gelu", "bias": True}))
     assert "w_gate" not in dict(b.named_parameters())
     x = torch.randn(3, 6, dtype=torch.float64)
     up, down = torch.nn.Linear(6, 10).double(), torch.nn.Linear(10, 6).double()
@@ -160,7 +153,7 @@ CONFIGS = [
 
 @pytest.mark.parametrize(("kind", "config", "inputs"), CONFIGS, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(CONFIGS)])
 def test_gradcheck_float64(reg, kind, config, inputs) -> None:
-    block = _randomise(ref_block(reg, kind, config))
+    block = randomize(ref_block(reg, kind, config))
     args = [a.double().requires_grad_() if a.is_floating_point() else a for a in inputs()]
     params = list(block.parameters())
     names = [n for n, _ in block.named_parameters()]
@@ -175,7 +168,7 @@ def test_gradcheck_float64(reg, kind, config, inputs) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("kind", "config", "inputs"), CONFIGS, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(CONFIGS)])
 def test_runs_in_every_float_dtype_without_nan(reg, kind, config, inputs, dtype) -> None:
-    block = _randomise(ref_block(reg, kind, config, dtype=dtype))
+    block = randomize(ref_block(reg, kind, config, dtype=dtype))
     args = [a.to(dtype) if a.is_floating_point() else a for a in inputs()]
     out = block(*args)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -188,7 +181,32 @@ def test_runs_in_every_float_dtype_without_nan(reg, kind, config, inputs, dtype)
 def test_norm_invariances(reg, scale: float, shift: float, seed: int) -> None:
     """RMSNorm is invariant to positive scaling of x; LayerNorm also to shifting it (eps -> 0)."""
     x = torch.randn(4, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    rms = _randomise(ref_block(reg, "norm", {"dim": 32, "eps": 1e-300}), seed)
+    rms = randomize(ref_block(reg, "norm", {"dim": 32, "eps": 1e-300}), seed)
     torch.testing.assert_close(rms(x * scale), rms(x), rtol=1e-12, atol=1e-12)
-    ln = _randomise(ref_block(reg, "norm", {"type": "layer", "dim": 32, "eps": 1e-300, "bias": True}), seed)
+    ln = randomize(ref_block(reg, "norm", {"type": "layer", "dim": 32, "eps": 1e-300, "bias": True}), seed)
     torch.testing.assert_close(ln(x * scale + shift), ln(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_rmsnorm_is_bit_exact_with_transformers_in_bfloat16(reg, family: str) -> None:
+    """Where the cast to bf16 happens changes bits; each config must match its model's norm exactly."""
+    if family == "llama":
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm as HFNorm
+
+        config = {"dim": 64, "eps": 1e-5}
+    else:
+        from transformers.models.gemma.modeling_gemma import GemmaRMSNorm as HFNorm
+
+        config = {"dim": 64, "eps": 1e-5, "unit_offset": True, "cast": "after_weight"}
+    hf = HFNorm(64, eps=1e-5).to(torch.bfloat16)
+    ours = ref_block(reg, "norm", config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(64) * 0.3 + (0 if family == "gemma" else 1))
+        ours.weight.copy_(hf.weight)
+    x = torch.randn(8, 64).to(torch.bfloat16) * 3
+    assert torch.equal(ours(x), hf(x))
+    other = ref_block(reg, "norm", {**config, "cast": "before_weight" if family == "gemma" else "after_weight"},
+                      dtype=torch.bfloat16)
+    with torch.no_grad():
+        other.weight.copy_(hf.weight)
+    assert not torch.equal(other(x), hf(x))  # the cast position is what makes it exact

@@ -158,7 +158,7 @@ def test_denial_of_an_impl_or_a_whole_backend(vendor_registry: Registry) -> None
 @pytest.mark.parametrize(
     ("selection", "message"),
     [
-        (Selection.make(impl=["nrm=cpu"]), "unknown block kind 'nrm'; valid: embedding, embedding@1, head, head@1, mlp, mlp@1, norm, norm@1; did you mean 'norm'?"),
+        (Selection.make(impl=["nrm=cpu"]), "unknown block kind 'nrm'; valid: attention, attention@1, embedding, embedding@1, head, head@1, layer, layer@1, mla, mla@1, mlp, mlp@1, moe, moe@1, norm, norm@1, rope, rope@1; did you mean 'norm'?"),
         (Selection.make(impl=["norm=testvendor.rmsnrm"]), "unknown impl of norm@1 'testvendor.rmsnrm' (in --impl norm=testvendor.rmsnrm); valid: reference, reference.eager, testvendor, testvendor.rmsnorm, testvendor.rmsnorm_lowp; did you mean 'testvendor.rmsnorm'?"),
         (Selection.make(deny=["norm=tstvendor"]), "unknown backend 'tstvendor'; valid: cpu, testvendor; did you mean 'testvendor'?"),
     ],
