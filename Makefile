@@ -11,6 +11,8 @@ STAMP := $(VENV)/.llmkit-installed
 
 demo: install
 	$(BIN)/llmkit info
+	$(BIN)/llmkit inspect deepseek-v3
+	$(BIN)/llmkit build tiny-mixtral-8x7b --policy reference
 
 test: install
 	$(BIN)/python -m pytest

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from llmkit.cache import LayerCache, as_positions
-from llmkit.hookspecs import BlockKind, ParamSpec
+from llmkit.hookspecs import BlockKind, Cost, ParamSpec
 
 from . import norm as _norm
 from . import positional
@@ -234,6 +234,15 @@ def attention(
     return F.linear(o, block.wo, block.bo if c.o_bias else None)
 
 
+def attention_cost(c: AttentionConfig, context: int) -> Cost:
+    """Projections: d * head_dim * (n_heads + 2 n_kv_heads) + n_heads * head_dim * d weights.
+    Scores and values: 2 * n_heads * head_dim FLOPs each per attended key, L = min(context, window)."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    matmul = c.d_model * (q + 2 * kv) + q * c.d_model
+    bias = (q + 2 * kv if c.qkv_bias else 0) + (c.d_model if c.o_bias else 0)
+    keys = min(context, c.window) if c.window else context
+    return Cost(params=matmul + bias, flops=2 * matmul + 4 * q * keys, kv_values=2 * kv * keys / context)
+
 ATTENTION = BlockKind(
     name="attention",
     version=1,
@@ -242,6 +251,7 @@ ATTENTION = BlockKind(
     reference=attention,
     features=attention_features,
     children=attention_children,
+    cost=attention_cost,
     summary="MHA/GQA/MQA: fused or split QKV, biases, clip_qkv, QK-norm, soft-cap, sliding window, RoPE, KV cache",
 )
 
@@ -347,6 +357,17 @@ def mla(block: Any, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache 
     return F.linear(o.transpose(1, 2).reshape(b, t, c.n_heads * c.v_head_dim), block.wo)
 
 
+def mla_cost(c: MLAConfig, context: int) -> Cost:
+    """Weights of the q path, the kv latent (kv_lora_rank + rope) and its up-projection, and o.
+    Attention: 2 * n_heads * (qk_head_dim + v_head_dim) FLOPs per attended key (keys and values
+    materialised from the latent, as the reference does). Cache: latent + rope key per token."""
+    q_out = c.n_heads * c.qk_head_dim
+    q = q_out * c.d_model if c.q_lora_rank is None else c.q_lora_rank * (c.d_model + q_out)
+    kv = c.d_model * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * c.n_heads * (c.qk_nope_head_dim + c.v_head_dim)
+    matmul = q + kv + c.n_heads * c.v_head_dim * c.d_model
+    attend = 2 * c.n_heads * (c.qk_head_dim + c.v_head_dim) * context
+    return Cost(params=matmul, flops=2 * matmul + attend, kv_values=c.kv_lora_rank + c.qk_rope_head_dim)
+
 MLA = BlockKind(
     name="mla",
     version=1,
@@ -355,5 +376,6 @@ MLA = BlockKind(
     reference=mla,
     features=mla_features,
     children=mla_children,
+    cost=mla_cost,
     summary="multi-head latent attention (DeepSeek-V2/V3, Kimi-K2); cache = latent + shared rope key",
 )

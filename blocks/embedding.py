@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from llmkit.hookspecs import BlockKind, ParamSpec
+from llmkit.hookspecs import BlockKind, Cost, ParamSpec
 
 
 class EmbeddingConfig(BaseModel):
@@ -96,6 +96,15 @@ def head(block: Any, x: torch.Tensor, tied_weight: torch.Tensor | None = None) -
     return logits
 
 
+def embedding_cost(c: EmbeddingConfig, context: int) -> Cost:
+    return Cost(params=c.vocab_size * c.d_model)  # a lookup, no multiply
+
+
+def head_cost(c: HeadConfig, context: int) -> Cost:
+    """The projection always costs 2 * d_model * vocab FLOPs; its weight is the embedding's when tied."""
+    own = 0 if c.tied else c.vocab_size * c.d_model
+    return Cost(params=own + (c.vocab_size if c.bias else 0), flops=2 * c.d_model * c.vocab_size)
+
 EMBEDDING = BlockKind(
     name="embedding",
     version=1,
@@ -103,6 +112,7 @@ EMBEDDING = BlockKind(
     params=embedding_params,
     reference=embedding,
     features=embedding_features,
+    cost=embedding_cost,
     summary="token embedding with optional multiplier",
 )
 
@@ -113,5 +123,6 @@ HEAD = BlockKind(
     params=head_params,
     reference=head,
     features=head_features,
+    cost=head_cost,
     summary="LM head: tied or untied, output multiplier, final logit soft-cap",
 )

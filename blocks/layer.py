@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Discriminator, PositiveInt, Tag, model_validator
 
 from llmkit.cache import LayerCache
-from llmkit.hookspecs import BlockKind, ParamSpec
+from llmkit.hookspecs import BlockKind, Cost, ParamSpec
 
 from . import attention as _attention
 from . import mlp as _mlp
@@ -134,6 +134,9 @@ def layer(block: Any, x: torch.Tensor, positions: torch.Tensor, cache: LayerCach
     return h + block.mlp(block.mlp_norm(h))
 
 
+def cost(c: LayerConfig, context: int) -> Cost:
+    return Cost(params=0)  # everything is in the child blocks
+
 KIND = BlockKind(
     name="layer",
     version=1,
@@ -142,5 +145,6 @@ KIND = BlockKind(
     reference=layer,
     features=features,
     children=children,
+    cost=cost,
     summary="decoder layer: pre-norm or sandwich norms, optional parallel attention + MLP, dense or MoE",
 )

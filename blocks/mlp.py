@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, PositiveInt
 
-from llmkit.hookspecs import BlockKind, ParamSpec
+from llmkit.hookspecs import BlockKind, Cost, ParamSpec
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 
@@ -97,6 +97,12 @@ def mlp(block: Any, x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def cost(c: MLPConfig, context: int) -> Cost:
+    """(2 or 3) * d_model * hidden weights (+ biases); 2 FLOPs per weight."""
+    matmul = (3 if c.gated else 2) * c.d_model * c.hidden
+    bias = (2 * c.hidden if c.gated else c.hidden) + c.d_model if c.bias else 0
+    return Cost(params=matmul + bias, flops=2 * matmul)
+
 KIND = BlockKind(
     name="mlp",
     version=1,
@@ -104,5 +110,6 @@ KIND = BlockKind(
     params=params,
     reference=mlp,
     features=features,
+    cost=cost,
     summary="gated (SwiGLU/GeGLU) or ungated (GELU/ReLU) feed-forward",
 )

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from llmkit.hookspecs import BlockKind, ParamSpec
+from llmkit.hookspecs import BlockKind, Cost, ParamSpec
 
 from . import mlp as _mlp
 
@@ -162,7 +162,8 @@ def params(c: MoEConfig) -> dict[str, ParamSpec]:
     e, d, h = c.n_experts, c.d_model, c.hidden
     out = {"router": ParamSpec((e, d))}
     if c.correction_bias:
-        out["correction_bias"] = ParamSpec((e,), init="zeros", dtype="float32")
+        # a buffer, as in transformers: DeepSeek updates it by a balancing rule, not by gradient
+        out["correction_bias"] = ParamSpec((e,), init="zeros", dtype="float32", buffer=True)
     if c.gated:
         out["w_gate"] = ParamSpec((e, h, d))
     out["w_up"] = ParamSpec((e, h, d))
@@ -310,6 +311,19 @@ def moe(block: Any, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
+def cost(c: MoEConfig, context: int) -> Cost:
+    """Router E * d; E experts of (2 or 3) * d * hidden (+ biases), of which a token uses top_k;
+    shared gate d (the shared expert is a child mlp@1 block). The correction bias is a buffer."""
+    per_expert_matmul = (3 if c.gated else 2) * c.d_model * c.hidden
+    per_expert = per_expert_matmul + ((2 * c.hidden if c.gated else c.hidden) + c.d_model if c.expert_bias else 0)
+    router = c.n_experts * c.d_model
+    extra = c.d_model if c.shared_gate else 0
+    return Cost(
+        params=router + c.n_experts * per_expert + extra,
+        inactive_params=(c.n_experts - c.top_k) * per_expert,
+        flops=2 * (router + c.top_k * per_expert_matmul + (c.d_model if c.shared_gate else 0)),
+    )
+
 KIND = BlockKind(
     name="moe",
     version=1,
@@ -318,5 +332,6 @@ KIND = BlockKind(
     reference=moe,
     features=features,
     children=children,
+    cost=cost,
     summary="mixture of experts: softmax/sigmoid top-k router, fused experts, shared expert, aux losses",
 )

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from llmkit.hookspecs import BlockKind, ParamSpec
+from llmkit.hookspecs import BlockKind, Cost, ParamSpec
 
 
 class NormConfig(BaseModel):
@@ -83,6 +83,9 @@ def norm(block: Any, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def cost(c: NormConfig, context: int) -> Cost:
+    return Cost(params=c.dim * (2 if c.bias else 1))
+
 KIND = BlockKind(
     name="norm",
     version=1,
@@ -90,5 +93,6 @@ KIND = BlockKind(
     params=params,
     reference=norm,
     features=features,
+    cost=cost,
     summary="RMSNorm / LayerNorm over the last dimension, statistics in float32",
 )

@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from llmkit.hookspecs import BlockKind, ParamSpec
+from llmkit.hookspecs import BlockKind, Cost, ParamSpec
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -216,6 +216,9 @@ def rope(block: Any, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([rotated, rest], dim=-1) if d < c.head_dim else rotated
 
 
+def cost(c: RopeConfig, context: int) -> Cost:
+    return Cost(params=0)
+
 KIND = BlockKind(
     name="rope",
     version=1,
@@ -223,5 +226,6 @@ KIND = BlockKind(
     params=params,
     reference=rope,
     features=features,
+    cost=cost,
     summary="rotary position embedding: half/interleaved, partial, linear/dynamic/yarn/llama3 scaling",
 )

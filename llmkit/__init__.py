@@ -17,9 +17,12 @@ from .errors import (
     UnknownNameError,
 )
 from .impls import ANY, REFERENCE, Impl, Range
-from .kinds import BlockKind, ParamSpec
+from .inspect import inspect
+from .kinds import BlockKind, Cost, ParamSpec
+from .model import Model, build
 from .plan import Plan, PlanEntry
 from .registry import Registry, default_registry
+from .spec import Spec, SpecError, load_spec, preset_names
 from .resolve import Resolution, Selection
 from .target import Target, parse_dtype
 
@@ -30,6 +33,10 @@ __all__ = [
     "BackendUnavailableError",
     "Block",
     "BlockKind",
+    "Cost",
+    "Model",
+    "Spec",
+    "SpecError",
     "FallbackWarning",
     "Impl",
     "LlmkitError",
@@ -48,6 +55,10 @@ __all__ = [
     "Timing",
     "UnknownNameError",
     "assemble",
+    "build",
+    "inspect",
+    "load_spec",
+    "preset_names",
     "default_registry",
     "parse_dtype",
 ]

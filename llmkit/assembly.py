@@ -48,9 +48,11 @@ class Block(nn.Module):
             if hasattr(self, name):
                 raise PluginContractError(f"block kind {kind.id}: parameter name {name!r} is reserved")
             p_dtype = torch.float32 if spec.dtype == "float32" else dtype
-            self.register_parameter(
-                name, nn.Parameter(torch.empty(spec.shape, device=device, dtype=p_dtype))
-            )
+            tensor = torch.empty(spec.shape, device=device, dtype=p_dtype)
+            if spec.buffer:
+                self.register_buffer(name, tensor)
+            else:
+                self.register_parameter(name, nn.Parameter(tensor))
         self.reset_parameters(generator)
         for name, (child_kind, child_config) in kind.child_specs(self.config).items():
             if hasattr(self, name):
@@ -61,7 +63,7 @@ class Block(nn.Module):
             )
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Initialise this block's own parameters as its kind declares (skipped on meta)."""
+        """Initialise this block's own parameters and buffers as its kind declares (skipped on meta)."""
         with torch.no_grad():
             for name, spec in self.kind.param_specs(self.config).items():
                 p = getattr(self, name)
@@ -86,12 +88,15 @@ class Block(nn.Module):
             impl.prepare(self, target)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Block:
-        # .to(dtype)/.half()/.bfloat16() all come here: float32-pinned parameters stay float32
+        # .to(dtype)/.half()/.bfloat16() all come here: float32-pinned state stays float32
         out = super()._apply(fn, recurse)
         for name, spec in self.kind.param_specs(self.config).items():
-            p = getattr(self, name)
-            if spec.dtype == "float32" and p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
+            t = getattr(self, name)
+            if spec.dtype == "float32" and t.is_floating_point() and t.dtype != torch.float32:
+                if spec.buffer:
+                    self._buffers[name] = t.float()
+                else:
+                    t.data = t.data.float()
         return out
 
     def _route(self, impl: Impl) -> None:

@@ -33,7 +33,7 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target and selection")
     g.add_argument("--backend", default="cpu", help="backend that runs the model (default: cpu)")
     g.add_argument("--device", default=None, help="device, e.g. cpu, cuda:1; 'meta' plans without hardware")
-    g.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16, float64 (default: the spec's, else float32)")
     g.add_argument("--mode", default="infer", choices=MODES)
     g.add_argument("--policy", default="auto", choices=POLICIES,
                    help="auto: best eligible impl, reference fallback; reference: reference impls "
@@ -49,7 +49,7 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
 
 def target_from_args(args: argparse.Namespace, registry: Any) -> tuple[Any, Selection]:
     facts = dict(_kv(f, "--fact") for f in args.fact) if args.fact else None
-    target = registry.target(args.backend, device=args.device, dtype=args.dtype, mode=args.mode, facts=facts)
+    target = registry.target(args.backend, device=args.device, dtype=args.dtype or "float32", mode=args.mode, facts=facts)
     selection = Selection.make(args.policy, args.impl, args.deny, strict=args.strict)
     registry.check_selection(selection)
     return target, selection
@@ -98,6 +98,58 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace, console: Console) -> int:
+    from .model import build
+
+    registry = default_registry()
+    facts = dict(_kv(f, "--fact") for f in args.fact) if args.fact else None
+    model = build(args.spec, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
+                  impl=args.impl, deny=args.deny, strict=args.strict, seed=args.seed, facts=facts, mode=args.mode,
+                  registry=registry)
+    assert model.plan is not None
+    if args.json:
+        print(model.plan.to_json())
+    else:
+        n = sum(p.numel() for p in model.parameters())
+        console.print(f"{model.spec.name}: {n:,} parameters on {model.plan.target.device}")
+        model.plan.print(console)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    from .inspect import inspect
+
+    data = inspect(args.spec, context=args.context, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    table = Table(title=f"{data['name']} at context {data['context']:,}, cache in {data['dtype']}",
+                  title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("layers", str(data["n_layers"]))
+    table.add_row("parameters, total", f"{data['params_total']:,}")
+    table.add_row("parameters, active per token", f"{data['params_active']:,}")
+    table.add_row("forward FLOPs per token", f"{data['flops_per_token']:,}")
+    table.add_row("KV-cache bytes per token", f"{data['kv_cache_bytes_per_token']:,}")
+    for dt, nbytes in data["weight_bytes"].items():
+        table.add_row(f"weights in {dt}", f"{nbytes / 2**30:,.2f} GiB ({nbytes:,} bytes)")
+    console.print(table)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace, console: Console) -> int:
+    from .spec import load_spec, preset_names
+
+    table = Table(title="Presets (llmkit inspect NAME)", title_justify="left")
+    table.add_column("name")
+    table.add_column("source")
+    for name in preset_names():
+        table.add_row(name, load_spec(name).source or "")
+    console.print(table)
+    return 0
+
+
 def _format_validation(kind_id: str, exc: ValidationError) -> str:
     lines = [f"invalid {kind_id} config:"]
     for err in exc.errors():
@@ -122,6 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_target_options(p)
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("build", help="build a model from a spec or preset and print its dispatch plan")
+    p.add_argument("spec", help="preset name (llmkit presets) or path to a YAML spec")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="the plan as JSON")
+    add_target_options(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("inspect", help="parameters, active parameters, FLOPs and KV-cache bytes of a spec")
+    p.add_argument("spec", help="preset name or path to a YAML spec")
+    p.add_argument("--context", type=int, default=None, help="context length N (default: max_seq_len)")
+    p.add_argument("--dtype", default=None, help="dtype of the KV cache (default: the spec's, else bfloat16)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("presets", help="list the shipped model presets")
+    p.set_defaults(func=cmd_presets)
     return parser
 
 

@@ -34,7 +34,7 @@ import pluggy
 
 from .backend import Backend, Peak, Timing
 from .impls import ANY, REFERENCE, Impl, Range
-from .kinds import BlockKind, ParamSpec
+from .kinds import BlockKind, Cost, ParamSpec
 from .target import Target
 
 PROJECT = "llmkit"
@@ -49,6 +49,7 @@ __all__ = [
     "ANY",
     "Backend",
     "BlockKind",
+    "Cost",
     "Impl",
     "PLUGIN_API",
     "ParamSpec",

@@ -34,12 +34,31 @@ class ParamSpec:
     std: float = 0.02
     dtype: Literal["float32"] | None = None
     """Keep this parameter in float32 whatever the model dtype (e.g. a router's correction bias)."""
+    buffer: bool = False
+    """State the block owns and saves (it is in the state dict) but that no gradient trains, as
+    DeepSeek's routing correction bias (a buffer in transformers too); not a parameter."""
 
     def __post_init__(self) -> None:
         shape = tuple(self.shape)
         if not all(isinstance(d, int) and d > 0 for d in shape):
             raise PluginContractError(f"parameter shape must be positive ints, got {shape}")
         object.__setattr__(self, "shape", shape)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Closed-form figures of one block (its own parameters, not its children's), per token.
+
+    `flops` counts matrix multiplies only (2 per multiply-add) for one token that attends to
+    `context` earlier tokens; `kv_values` is the number of cached values per token, averaged over a
+    context of that length (a sliding window of W caches min(context, W) tokens).
+    """
+
+    params: int
+    inactive_params: int = 0
+    """Parameters one token does not use (the routed experts it was not sent to)."""
+    flops: int = 0
+    kv_values: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +74,8 @@ class BlockKind:
     children: Callable[[Any], Mapping[str, tuple[BlockKind, Any]]] | None = None
     """Sub-blocks a block of this config owns (e.g. attention's RoPE and QK-norms), by attribute
     name: each is resolved to its own impl, and its parameters nest under that name."""
+    cost: Callable[[Any, int], Cost] | None = None
+    """`cost(config, context)`: closed-form parameter, FLOP and cache figures (see `Cost`)."""
     summary: str = ""
 
     def __post_init__(self) -> None:

@@ -35,7 +35,7 @@ def randomize(module: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
         for m in module.modules():
             if not isinstance(m, Block):
                 continue
-            for name, p in m.named_parameters(recurse=False):
+            for name, p in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
                 noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
                 if m.kind.name == "norm" and name == "weight":
                     value = 0.2 * noise + (0.0 if m.config.unit_offset else 1.0)

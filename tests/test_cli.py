@@ -95,3 +95,38 @@ def test_console_script_is_installed() -> None:
     exe = __import__("pathlib").Path(sys.executable).parent / "llmkit"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "info" in out.stdout and "explain" in out.stdout
+
+
+def test_inspect_json_keys_and_values(cli) -> None:
+    code, out, _ = cli("inspect", "llama-3-8b", "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert {"params_total", "params_active", "flops_per_token", "kv_cache_bytes_per_token", "weight_bytes"} <= set(data)
+    assert data["params_total"] == 8_030_261_248 and data["kv_cache_bytes_per_token"] == 131_072
+    code, out, _ = cli("inspect", "mixtral-8x7b", "--context", "1024", "--dtype", "float32")
+    assert code == 0 and "12,879,925,248" in out and "46,702,792,704" in out and "1,024" in out
+
+
+def test_build_prints_the_plan_and_respects_strict(cli, tmp_path) -> None:
+    code, out, err = cli("build", "tiny-mixtral-8x7b", "--policy", "reference")
+    assert code == 0 and "Dispatch plan" in out and "moe@1" in out and err == ""
+    code, out, err = cli("build", "tiny-llama-3-8b", "--backend", "testvendor", "--dtype", "float32", "--json")
+    plan = json.loads(out)
+    impls = {b["path"]: b["impl"] for b in plan["blocks"]}
+    assert impls["layers.0.mlp"] == "testvendor.swiglu" and impls["layers.0.attn_norm"] == "testvendor.rmsnorm"
+    assert "blocks fall back from backend 'testvendor'" in err  # visible, not silent
+    code, out, err = cli("build", "tiny-llama-3-8b", "--backend", "testvendor", "--strict")
+    assert code == 2 and "policy 'strict'" in err
+
+
+def test_build_reports_spec_errors_with_lines(cli, tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: tiny-llama-3-8b\nname: bad\nlayer:\n  attention: {n_kv_heads: 3}\n")
+    code, out, err = cli("build", str(bad), "--device", "meta")
+    assert code == 2
+    assert f"{bad}:4: layer.attention: n_heads (4) must be a multiple of n_kv_heads (3)" in err
+
+
+def test_presets_lists_them_with_sources(cli) -> None:
+    code, out, _ = cli("presets")
+    assert code == 0 and "deepseek-v3" in out and "tiny-grok-1" in out and "huggingface.co" in out

@@ -29,11 +29,11 @@ def bind_all(block: llmkit.Block, dtype: torch.dtype) -> llmkit.Block:
 
 def make(config: dict, dtype: torch.dtype = torch.float64, seed: int = 0, std: float = 0.1,
          router_std: float | None = None) -> llmkit.Block:
-    """A bound moe@1 block whose every parameter is std * N(0, 1) (router: router_std)."""
+    """A bound moe@1 block whose every parameter and buffer is std * N(0, 1) (router: router_std)."""
     block = llmkit.Block(moe.KIND, config, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in block.named_parameters():
+        for name, p in [*block.named_parameters(), *block.named_buffers()]:
             s = router_std if name == "router" and router_std is not None else std
             p.copy_(s * torch.randn(p.shape, generator=g, dtype=torch.float64))
     return bind_all(block, dtype)
@@ -69,8 +69,10 @@ def test_params_features_and_children() -> None:
     block = llmkit.Block(moe.KIND, full, dtype=torch.bfloat16)
     shapes = {n: (tuple(p.shape), p.dtype) for n, p in block.named_parameters()}
     bf = torch.bfloat16
+    assert dict(block.named_buffers()).keys() == {"correction_bias"}  # saved, not trained
+    assert block.correction_bias.dtype == torch.float32 and "correction_bias" in block.state_dict()
     assert shapes == {
-        "router": ((8, 8), bf), "correction_bias": ((8,), torch.float32),
+        "router": ((8, 8), bf),
         "w_gate": ((8, 12, 8), bf), "w_up": ((8, 12, 8), bf), "w_down": ((8, 8, 12), bf),
         "b_gate": ((8, 12), bf), "b_up": ((8, 12), bf), "b_down": ((8, 8), bf), "shared_gate": ((1, 8), bf),
         "shared.w_gate": ((6, 8), bf), "shared.w_up": ((6, 8), bf), "shared.w_down": ((8, 6), bf),
@@ -334,10 +336,7 @@ def test_runs_in_low_precision_without_nan(dtype: torch.dtype) -> None:
         assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()
         (out.float().sum() + block.routing.aux_loss).backward()
         for name, p in block.named_parameters():
-            if name == "correction_bias":  # chooses experts only: no gradient reaches it
-                assert p.grad is None
-            else:
-                assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
 def test_routing_weights_are_cast_to_the_storage_dtype_before_mixing() -> None:

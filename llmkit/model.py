@@ -1,0 +1,103 @@
+"""The assembled model and `build`: spec -> modules -> resolved, bound impls.
+
+    h = embedding(ids); for each layer: h = layer(h, positions, cache); logits = head(norm(h))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .assembly import Block, assemble
+from .cache import LayerCache
+from .plan import Plan
+from .registry import Registry, default_registry
+from .resolve import Selection
+from .spec import Spec, load_spec
+from .target import parse_dtype
+
+
+class Model(nn.Module):
+    """A decoder-only LM assembled from a `Spec`; the same type whatever the weights' origin."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        registry: Registry,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        kw: dict[str, Any] = {"device": device, "dtype": dtype, "generator": generator}
+        self.spec = spec
+        self.plan: Plan | None = None
+        self.embedding = Block(registry.kind("embedding"), spec.embedding, **kw)
+        layer_kind = registry.kind("layer")
+        self.layers = nn.ModuleList(Block(layer_kind, cfg, **kw) for cfg in spec.layers)
+        self.norm = Block(registry.kind("norm"), spec.final_norm, **kw)
+        self.head = Block(registry.kind("head"), spec.head, **kw)
+
+    def new_cache(self) -> list[LayerCache]:
+        """One empty cache per layer; a sliding-window layer's keeps only its window."""
+        return [LayerCache(max_tokens=getattr(layer.config.attention, "window", None)) for layer in self.layers]
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+    ) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, vocab]. Positions default to continuing the cache."""
+        if positions is None:
+            start = 0 if not cache or cache[0].positions is None else int(cache[0].positions[:, -1].max()) + 1
+            positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        h = self.embedding(ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, positions, cache[i] if cache is not None else None)
+        h = self.norm(h)
+        return self.head(h, self.embedding.weight) if self.spec.tied else self.head(h)
+
+
+def _merge_selection(spec: Spec, policy: str, impl: Any, deny: Any, strict: bool) -> Selection:
+    """The spec's pins and denials, with the caller's pins winning per kind and denials added."""
+    from_spec = Selection.make(impl=spec.impl, deny=spec.deny)
+    from_call = Selection.make(policy, impl, deny, strict=strict)
+    pins = dict(from_spec.pins) | dict(from_call.pins)
+    return Selection(from_call.policy, tuple(sorted(pins.items())), tuple(sorted(set(from_spec.deny + from_call.deny))))
+
+
+def build(
+    spec: Spec | str | Mapping[str, Any],
+    *,
+    backend: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    policy: str = "auto",
+    mode: str = "infer",
+    impl: Mapping[str, str] | Iterable[str] | None = None,
+    deny: Mapping[str, Any] | Iterable[str] | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    facts: Mapping[str, Any] | None = None,
+    registry: Registry | None = None,
+) -> Model:
+    """Build a randomly initialised (seeded) model from a spec, a preset name or a YAML path.
+
+    `device="meta"` builds without allocating (for inspection and planning). The dispatch plan is
+    `model.plan`. dtype defaults to the spec's, else float32.
+    """
+    registry = registry or default_registry()
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec, registry)
+    dt = parse_dtype(dtype or spec.dtype or torch.float32)
+    target = registry.target(backend, device=device, dtype=dt, mode=mode, facts=facts)
+    selection = _merge_selection(spec, policy, impl, deny, strict)
+    generator = None if target.device == "meta" else torch.Generator(device=target.device).manual_seed(seed)
+    model = Model(spec, registry, device=target.device, dtype=dt, generator=generator)
+    model.plan = assemble(model, target, selection, registry)
+    return model.train(mode == "train")
