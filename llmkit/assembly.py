@@ -8,6 +8,7 @@ them, or none when any block cannot be resolved.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import warnings
 from collections.abc import Mapping
@@ -39,11 +40,19 @@ class Block(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
+        dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> None:
+        """`dtypes` maps block kind names to a dtype of their own (mixed precision): such a block
+        and its children keep their state in that dtype, are resolved for it, and cast their
+        floating inputs to it and their output back to the input's dtype."""
         super().__init__()
         self.kind = kind
         self.config = kind.parse_config(config)
         self.impl = None
+        outer = dtype or torch.get_default_dtype()
+        self.dtype: torch.dtype = (dtypes or {}).get(kind.name, outer)
+        self.outer_dtype = outer
+        dtype = self.dtype
         for name, spec in kind.param_specs(self.config).items():
             if hasattr(self, name):
                 raise PluginContractError(f"block kind {kind.id}: parameter name {name!r} is reserved")
@@ -59,7 +68,7 @@ class Block(nn.Module):
                 raise PluginContractError(f"block kind {kind.id}: child name {name!r} is taken")
             self.add_module(
                 name,
-                Block(child_kind, child_config, device=device, dtype=dtype, generator=generator),
+                Block(child_kind, child_config, device=device, dtype=dtype, generator=generator, dtypes=dtypes),
             )
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -102,7 +111,10 @@ class Block(nn.Module):
     def _route(self, impl: Impl) -> None:
         self.impl = impl
         # an instance attribute shadows the class's `forward`; nn.Module.__call__ looks it up there
-        self.forward = types.MethodType(impl.forward, self)
+        fn = impl.forward
+        if self.dtype != self.outer_dtype:
+            fn = _cast_at_boundary(fn, self.dtype, self.outer_dtype)
+        self.forward = types.MethodType(fn, self)
 
     def __getstate__(self) -> dict[str, Any]:
         # the bound method points at this very block; a copy must rebind to itself
@@ -127,6 +139,20 @@ class Block(nn.Module):
         return f"{self.kind.id}, impl={impl}"
 
 
+def _cast_at_boundary(forward: Any, inner: torch.dtype, outer: torch.dtype) -> Any:
+    """Wrap a forward so it runs in `inner`: floating tensor inputs are cast to it and the output
+    back to `outer`, the dtype of the enclosing model (ids, positions and caches pass through)."""
+
+    def cast(a: Any) -> Any:
+        return a.to(inner) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    def cast_forward(block: Block, *args: Any, **kwargs: Any) -> Any:
+        out = forward(block, *map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+        return out.to(outer) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+    return cast_forward
+
+
 def assemble(
     model: nn.Module,
     target: Target,
@@ -146,15 +172,17 @@ def assemble(
         raise LlmkitError(f"{type(model).__name__} contains no llmkit Block to resolve")
     entries = []
     for path, block in blocks:
+        # a block with a dtype of its own (mixed precision) is resolved for that dtype
+        block_target = target if block.dtype == target.dtype else dataclasses.replace(target, dtype=block.dtype)
         try:
-            res = registry.resolve(block.kind.id, block.config, target, selection)
+            res = registry.resolve(block.kind.id, block.config, block_target, selection)
         except ResolutionError as exc:
             raise ResolutionError(f"{path or '<root>'}: {exc}") from None
-        entries.append(PlanEntry(path, res))
+        entries.append(PlanEntry(path, res, block.dtype))
     for entry, (path, block) in zip(entries, blocks):
         impl = entry.resolution.impl
         try:
-            block._prepare(impl, target)
+            block._prepare(impl, target if block.dtype == target.dtype else dataclasses.replace(target, dtype=block.dtype))
         except Exception as exc:
             raise LlmkitError(
                 f"{path}: prepare of {impl.qualname} failed: {type(exc).__name__}: {exc}"

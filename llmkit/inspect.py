@@ -106,10 +106,22 @@ def inspect(
         if a != b:
             raise LlmkitError(f"{spec.name}: {what} from the built module ({a}) != closed form ({b})")
 
-    state = [(b.kind.param_specs(b.config)[n], t) for b in model.modules() if isinstance(b, Block)
-             for n, t in [*b.named_parameters(recurse=False), *b.named_buffers(recurse=False)]]
-    pinned = sum(t.numel() for spec_, t in state if spec_.dtype == "float32")
-    stored = sum(t.numel() for _, t in state)
+    # the meta model is float32 throughout, so each tensor's storage dtype is derived here:
+    # float32-pinned tensors stay 4 bytes, blocks with a dtype of their own (and their children)
+    # keep it, the rest take the dtype the row is for (None below)
+    fixed = {k: parse_dtype(v) for k, v in spec.dtypes.items()}
+    state: list[tuple[torch.dtype | None, int]] = []
+
+    def walk(module: torch.nn.Module, inherited: torch.dtype | None) -> None:
+        if isinstance(module, Block):
+            inherited = fixed.get(module.kind.name, inherited)
+            for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                pinned = module.kind.param_specs(module.config)[n].dtype == "float32"
+                state.append((torch.float32 if pinned else inherited, t.numel()))
+        for child in module.children():
+            walk(child, inherited)
+
+    walk(model, None)
     itemsize = torch.empty((), dtype=dt).element_size()
     return {
         "name": spec.name,
@@ -121,7 +133,7 @@ def inspect(
         "flops_per_token": closed.flops,
         "kv_cache_bytes_per_token": _number(kv_measured * itemsize),
         "weight_bytes": {
-            dtype_name(w): (stored - pinned) * torch.empty((), dtype=w).element_size() + 4 * pinned
+            dtype_name(w): sum(n * torch.empty((), dtype=d or w).element_size() for d, n in state)
             for w in WEIGHT_DTYPES
         },
     }

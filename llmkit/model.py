@@ -33,7 +33,8 @@ class Model(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        kw: dict[str, Any] = {"device": device, "dtype": dtype, "generator": generator}
+        dtypes = {k: parse_dtype(v) for k, v in spec.dtypes.items()}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype, "generator": generator, "dtypes": dtypes}
         self.spec = spec
         self.plan: Plan | None = None
         self.embedding = Block(registry.kind("embedding"), spec.embedding, **kw)

@@ -12,7 +12,9 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from .resolve import Resolution, Selection
-from .target import Target
+import torch
+
+from .target import Target, dtype_name
 
 _LAYER = re.compile(r"^(?:.*?\.)?(?P<index>\d+)(?:\.(?P<slot>.+))?$")
 
@@ -21,6 +23,7 @@ _LAYER = re.compile(r"^(?:.*?\.)?(?P<index>\d+)(?:\.(?P<slot>.+))?$")
 class PlanEntry:
     path: str  # dotted module path of the block, e.g. "layers.3.mlp"
     resolution: Resolution
+    dtype: torch.dtype | None = None  # the block's own dtype (differs from the target's when mixed)
 
     @property
     def layer(self) -> int | None:
@@ -36,7 +39,8 @@ class PlanEntry:
         return m["slot"] or "(layer)"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "layer": self.layer, "block": self.slot, **self.resolution.to_dict()}
+        dt = None if self.dtype is None else dtype_name(self.dtype)
+        return {"path": self.path, "layer": self.layer, "block": self.slot, "dtype": dt, **self.resolution.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -70,16 +74,16 @@ class Plan:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
-    def _groups(self) -> list[tuple[str, str, Resolution]]:
+    def _groups(self) -> list[tuple[str, str, Resolution, Any]]:
         """One row per (slot, resolution), listing the layers that share it, in first-seen order."""
-        groups: dict[tuple[bool, str, int], tuple[list[int], Resolution]] = {}
+        groups: dict[tuple[bool, str, int, Any], tuple[list[int], Resolution]] = {}
         for e in self.entries:
             # blocks outside any layer (embedding, final norm) never merge with layer blocks
-            key = (e.layer is None, e.slot, id(e.resolution))
+            key = (e.layer is None, e.slot, id(e.resolution), e.dtype)
             layers, _ = groups.setdefault(key, ([], e.resolution))
             if e.layer is not None:
                 layers.append(e.layer)
-        return [(_compact(layers), slot, res) for (_, slot, _), (layers, res) in groups.items()]
+        return [(_compact(layers), slot, res, dt) for (_, slot, _, dt), (layers, res) in groups.items()]
 
     def render(self) -> Group:
         t = self.target
@@ -93,9 +97,10 @@ class Plan:
         rejected = Table(title="Rejected candidates", title_justify="left")
         for col in ("layers", "block", "candidate", "reasons"):
             rejected.add_column(col)
-        for where, slot, res in self._groups():
+        for where, slot, res, dt in self._groups():
             style = "yellow" if res.fallback else None
-            chosen.add_row(where, slot, res.kind, res.impl.qualname, res.reason, style=style)
+            mixed = f" [{dtype_name(dt)}]" if dt is not None and dt != self.target.dtype else ""
+            chosen.add_row(where, slot + mixed, res.kind, res.impl.qualname, res.reason, style=style)
             for r in res.rejected:
                 rejected.add_row(where, slot, r.impl, "; ".join(r.reasons))
         parts: list[Any] = [chosen]

@@ -151,6 +151,7 @@ class _Top(BaseModel):
     n_layers: PositiveInt = Field(le=2**16)
     max_seq_len: PositiveInt = Field(le=2**31)
     dtype: str | None = None
+    dtypes: dict[str, str] = Field(default_factory=dict)
     norm: dict[str, Any] = Field(default_factory=dict)
     embedding: dict[str, Any] = Field(default_factory=dict)
     layer: dict[str, Any]
@@ -174,6 +175,8 @@ class Spec:
     n_layers: int
     max_seq_len: int
     dtype: str | None
+    dtypes: Mapping[str, str]
+    """Block kind name -> a dtype of its own (mixed precision), e.g. {"moe": "float32"}."""
     embedding: BaseModel
     layers: tuple[BaseModel, ...]
     final_norm: BaseModel
@@ -534,6 +537,13 @@ def load_spec(source: str | Path | Mapping[str, Any], registry: Any = None) -> S
         except LlmkitError as exc:
             f, line = src.origin(("dtype",))
             issues.append(SpecIssue(f, line, "dtype", str(exc)))
+    for kind_name, value in top.dtypes.items():
+        f, line = src.origin(("dtypes", kind_name))
+        try:
+            registry.kind(kind_name)
+            parse_dtype(value)
+        except LlmkitError as exc:
+            issues.append(SpecIssue(f, line, f"dtypes.{kind_name}", str(exc)))
     for field_name, pairs in (("impl", top.impl), ("deny", top.deny)):
         for kind_name, value in pairs.items():
             try:
@@ -547,7 +557,7 @@ def load_spec(source: str | Path | Mapping[str, Any], registry: Any = None) -> S
         raise SpecError(issues)
     return Spec(
         name=top.name, vocab_size=top.vocab_size, d_model=top.d_model, n_layers=top.n_layers,
-        max_seq_len=top.max_seq_len, dtype=top.dtype, embedding=embedding, layers=tuple(layers),
+        max_seq_len=top.max_seq_len, dtype=top.dtype, dtypes=dict(top.dtypes), embedding=embedding, layers=tuple(layers),
         final_norm=final_norm, head=head, impl=dict(top.impl), deny=dict(top.deny),
         source=top.source, file=src.file, raw=src.data,
     )

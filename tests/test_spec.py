@@ -12,6 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import llmkit
 from llmkit import LlmkitError, Registry, SpecError, build, load_spec
 from llmkit.inspect import inspect
 
@@ -258,3 +259,38 @@ def test_mutated_specs_give_a_model_or_a_spec_error(reg, data) -> None:
         return
     model = build(spec, device="meta", policy="reference", registry=reg)
     assert model.plan is not None
+
+
+def test_per_block_dtypes_mixed_precision(tmp_path, reg, with_plugins) -> None:
+    """A bf16 model whose MLPs run in float32: their weights, their resolution target (the test
+    vendor's swiglu declares float32 only) and their output cast back to bf16 at the boundary."""
+    registry = Registry.load(allow=["blocks", "cpu", "testvendor"])
+    text = BASE + "dtype: bfloat16\ndtypes: {mlp: float32}\n"
+    with pytest.warns(llmkit.FallbackWarning):
+        model = build(write(tmp_path, text), backend="testvendor", registry=registry)
+    assert model.layers[0].mlp.w_up.dtype == torch.float32
+    assert model.layers[0].attention.wq.dtype == torch.bfloat16
+    assert model.plan.impl_of("layers.0.mlp") == "testvendor.swiglu"  # resolved for float32
+    assert model.plan.impl_of("layers.0.mlp_norm") == "testvendor.rmsnorm_lowp"  # bf16 target
+    entry = next(e for e in model.plan.entries if e.path == "layers.0.mlp")
+    assert entry.to_dict()["dtype"] == "float32"
+    x = torch.randn(1, 5, 32).to(torch.bfloat16)
+    mlp = model.layers[0].mlp
+    out = mlp(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, mlp.impl.forward(mlp, x.float()).to(torch.bfloat16), rtol=0, atol=0)
+    logits = model(torch.randint(0, 97, (2, 6)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    sizes = inspect(write(tmp_path, text), registry=registry)["weight_bytes"]
+    mlp_params = 4 * 3 * 32 * 48
+    assert sizes["bfloat16"] == 2 * (sizes["float32"] // 4 - mlp_params) + 4 * mlp_params
+
+
+def test_per_block_dtype_errors(tmp_path, reg) -> None:
+    text = BASE + "dtypes: {mpl: float32, norm: fp12}\n"
+    assert errors(tmp_path, text, reg) == [
+        "SPEC:13: dtypes.mpl: unknown block kind 'mpl'; valid: attention, attention@1, embedding, embedding@1, "
+        "head, head@1, layer, layer@1, mla, mla@1, mlp, mlp@1, moe, moe@1, norm, norm@1, rope, rope@1; did you mean 'mlp'?",
+        "SPEC:13: dtypes.norm: unknown dtype 'fp12'; valid: bf16, bfloat16, double, float, float16, float32, "
+        "float64, fp16, fp32, fp64, half; did you mean 'fp32'?",
+    ]
