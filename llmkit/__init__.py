@@ -19,6 +19,7 @@ from .errors import (
 from .impls import ANY, REFERENCE, Impl, Range
 from .inspect import inspect
 from .kinds import BlockKind, Cost, ParamSpec
+from .loading import Checkpoint, CheckpointError, load
 from .model import Model, build
 from .plan import Plan, PlanEntry
 from .registry import Registry, default_registry
@@ -33,6 +34,8 @@ __all__ = [
     "BackendUnavailableError",
     "Block",
     "BlockKind",
+    "Checkpoint",
+    "CheckpointError",
     "Cost",
     "Model",
     "Spec",
@@ -57,6 +60,7 @@ __all__ = [
     "assemble",
     "build",
     "inspect",
+    "load",
     "load_spec",
     "preset_names",
     "default_registry",

@@ -67,3 +67,54 @@ def as_positions(positions: torch.Tensor, batch: int, length: int) -> torch.Tens
     if tuple(positions.shape) != (batch, length):
         raise LlmkitError(f"positions have shape {tuple(positions.shape)}, expected [{batch}, {length}] or [{length}]")
     return positions.long()
+
+
+class StaticLayerCache(LayerCache):
+    """The same protocol over storage allocated once, for generation with a known length.
+
+    Buffers of `capacity` tokens are allocated at the first `extend` (when the names, shapes and
+    dtypes of what the block caches become known); later steps write in place and return views,
+    so decoding allocates nothing per token. With `max_tokens` (a sliding window W) the storage is
+    W tokens: each step concatenates the kept W with the new tokens for the block to attend over,
+    then keeps the last W.
+    """
+
+    def __init__(self, capacity: int, max_tokens: int | None = None) -> None:
+        super().__init__(max_tokens)
+        if capacity < 1:
+            raise LlmkitError(f"StaticLayerCache capacity must be >= 1, got {capacity}")
+        self.capacity = capacity if max_tokens is None else min(capacity, max_tokens)
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def extend(
+        self, positions: torch.Tensor, **new: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        b, t = positions.shape
+        if self._length == 0 and not self.tensors:
+            self.tensors = {k: v.new_empty((b, self.capacity, *v.shape[2:])) for k, v in new.items()}
+            self.positions = positions.new_empty((b, self.capacity))
+        if set(new) != set(self.tensors):
+            raise LlmkitError(f"cache holds {sorted(self.tensors)}, got {sorted(new)}")
+        n = self._length
+        if self.max_tokens is None:
+            if n + t > self.capacity:
+                raise LlmkitError(f"cache capacity {self.capacity} exceeded ({n} cached + {t} new)")
+            for k, v in new.items():
+                self.tensors[k][:, n:n + t] = v
+            self.positions[:, n:n + t] = positions
+            self._length = n + t
+            return {k: v[:, :n + t] for k, v in self.tensors.items()}, self.positions[:, :n + t]
+        full = {k: torch.cat([self.tensors[k][:, :n], v], dim=1) for k, v in new.items()}
+        full_pos = torch.cat([self.positions[:, :n], positions], dim=1)
+        keep = min(full_pos.shape[1], self.capacity)
+        for k, v in full.items():
+            self.tensors[k][:, :keep] = v[:, -keep:]
+        self.positions[:, :keep] = full_pos[:, -keep:]
+        self._length = keep
+        return full, full_pos
+
+    def values_per_token(self) -> int:
+        return sum(math.prod(v.shape[2:]) for v in self.tensors.values())

@@ -138,6 +138,82 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _load_for_generation(args: argparse.Namespace) -> Any:
+    from .loading import load
+
+    model = load(args.source, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
+                 impl=args.impl, deny=args.deny, strict=args.strict)
+    if model.tokenizer is None:
+        raise LlmkitError(f"{args.source}: the checkpoint has no tokenizer, so text cannot be generated")
+    return model
+
+
+class _Streamer:
+    """Prints the newly decoded text of row 0 after each step (decoding all of it each time, so
+    multi-byte characters split over tokens come out whole)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, token: Any) -> None:
+        if int(token[0]) in self.tokenizer.eos_ids:
+            return
+        self.ids.append(int(token[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def _generate_turn(model: Any, prompt_ids: list[int], args: argparse.Namespace, err: Console) -> list[int]:
+    stats: dict[str, Any] = {}
+    out = model.generate([prompt_ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, stop=args.stop or None,
+                         stream=_Streamer(model.tokenizer), stats=stats)
+    print()
+    new = out[0, len(prompt_ids):].tolist()
+    n = stats["generated_tokens"]
+    prefill = stats["prompt_tokens"] / stats["prefill_s"] if stats["prefill_s"] else float("inf")
+    decode = (n - 1) / stats["decode_s"] if n > 1 and stats["decode_s"] else float("nan")
+    err.print(f"[dim]{stats['prompt_tokens']} prompt tokens, {n} generated, prefill {prefill:.1f} tok/s, "
+              f"decode {decode:.1f} tok/s[/]", highlight=False)
+    return new
+
+
+def cmd_generate(args: argparse.Namespace, console: Console) -> int:
+    model = _load_for_generation(args)
+    tok = model.tokenizer
+    chat = args.chat if args.chat is not None else bool(tok.chat_template)
+    if chat:
+        prompt_ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
+    else:
+        prompt_ids = tok.encode(args.prompt)
+    _generate_turn(model, prompt_ids, args, Console(stderr=True))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, console: Console) -> int:
+    model = _load_for_generation(args)
+    tok = model.tokenizer
+    err = Console(stderr=True)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    err.print("[dim]chat with the model; an empty line or Ctrl-D ends[/]")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        new = _generate_turn(model, tok.apply_chat_template(messages, tokenize=True), args, err)
+        messages.append({"role": "assistant", "content": tok.decode(new)})
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace, console: Console) -> int:
     from .spec import load_spec, preset_names
 
@@ -188,6 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
+    for name, helptext in (("generate", "generate text from a checkpoint, streaming it"),
+                           ("chat", "interactive chat with a checkpoint, using its chat template")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("source", help="HF checkpoint directory, .gguf file, or a preset with local weights (smollm2-135m)")
+        if name == "generate":
+            p.add_argument("--prompt", required=True)
+            p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                           help="wrap the prompt in the chat template (default: when the model has one)")
+        else:
+            p.add_argument("--system", default=None, help="a system message")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+        add_target_options(p)
+        p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+
     p = sub.add_parser("presets", help="list the shipped model presets")
     p.set_defaults(func=cmd_presets)
     return parser
@@ -197,22 +292,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     err = Console(stderr=True, soft_wrap=True)
-    with warnings.catch_warnings(record=True) as caught:
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        # llmkit's own warnings (fallbacks, broken plugins) as they happen, before any streamed text
+        if issubclass(category, LlmkitWarning):
+            err.print(f"[yellow]llmkit: warning:[/] {message}", highlight=False)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    original = warnings.showwarning
+    with warnings.catch_warnings():
         warnings.simplefilter("always", LlmkitWarning)
+        warnings.showwarning = show
         try:
-            code = args.func(args, console)
+            return args.func(args, console)
         except LlmkitError as exc:
-            err.print(f"[bold red]llmkit: error:[/] {exc}", highlight=False, markup=True)
-            code = 2
+            err.print(f"[bold red]llmkit: error:[/] {exc}", highlight=False)
+            return 2
         except json.JSONDecodeError as exc:
             err.print(f"[bold red]llmkit: error:[/] --config is not valid JSON: {exc}")
-            code = 2
-    for w in caught:
-        if issubclass(w.category, LlmkitWarning):
-            err.print(f"[yellow]llmkit: warning:[/] {w.message}", highlight=False)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    return code
+            return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .assembly import Block, assemble
-from .cache import LayerCache
+from .cache import LayerCache, StaticLayerCache
 from .plan import Plan
 from .registry import Registry, default_registry
 from .resolve import Selection
@@ -37,15 +37,21 @@ class Model(nn.Module):
         kw: dict[str, Any] = {"device": device, "dtype": dtype, "generator": generator, "dtypes": dtypes}
         self.spec = spec
         self.plan: Plan | None = None
+        self.tokenizer: Any = None  # set by llmkit.load when the checkpoint carries one
+        self.source: str | None = None
         self.embedding = Block(registry.kind("embedding"), spec.embedding, **kw)
         layer_kind = registry.kind("layer")
         self.layers = nn.ModuleList(Block(layer_kind, cfg, **kw) for cfg in spec.layers)
         self.norm = Block(registry.kind("norm"), spec.final_norm, **kw)
         self.head = Block(registry.kind("head"), spec.head, **kw)
 
-    def new_cache(self) -> list[LayerCache]:
-        """One empty cache per layer; a sliding-window layer's keeps only its window."""
-        return [LayerCache(max_tokens=getattr(layer.config.attention, "window", None)) for layer in self.layers]
+    def new_cache(self, capacity: int | None = None) -> list[LayerCache]:
+        """One empty cache per layer; a sliding-window layer's keeps only its window. With
+        `capacity` (tokens in all) the storage is allocated once (`StaticLayerCache`)."""
+        windows = [getattr(layer.config.attention, "window", None) for layer in self.layers]
+        if capacity is None:
+            return [LayerCache(max_tokens=w) for w in windows]
+        return [StaticLayerCache(capacity, max_tokens=w) for w in windows]
 
     def forward(
         self,
@@ -53,15 +59,25 @@ class Model(nn.Module):
         positions: torch.Tensor | None = None,
         cache: list[LayerCache] | None = None,
     ) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T, vocab]. Positions default to continuing the cache."""
+        """ids [B, T] -> logits [B, T, vocab]. Positions ([T] or [B, T]; negative = padding)
+        default to 0..T-1, or to continuing each row of the cache."""
         if positions is None:
-            start = 0 if not cache or cache[0].positions is None else int(cache[0].positions[:, -1].max()) + 1
-            positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+            steps = torch.arange(ids.shape[1], device=ids.device)
+            if cache and len(cache[0]):
+                positions = cache[0].positions[:, len(cache[0]) - 1:len(cache[0])] + 1 + steps
+            else:
+                positions = steps
         h = self.embedding(ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, positions, cache[i] if cache is not None else None)
         h = self.norm(h)
         return self.head(h, self.embedding.weight) if self.spec.tied else self.head(h)
+
+    def generate(self, input_ids: Any, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+        """Continue `input_ids` (see `llmkit.generate.generate` for the options)."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
 
 
 def _merge_selection(spec: Spec, policy: str, impl: Any, deny: Any, strict: bool) -> Selection:

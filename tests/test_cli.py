@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -130,3 +131,21 @@ def test_build_reports_spec_errors_with_lines(cli, tmp_path) -> None:
 def test_presets_lists_them_with_sources(cli) -> None:
     code, out, _ = cli("presets")
     assert code == 0 and "deepseek-v3" in out and "tiny-grok-1" in out and "huggingface.co" in out
+
+
+def test_generate_streams_real_text_from_smollm2_and_summarises(subprocess_env) -> None:
+    env = dict(subprocess_env, LLMKIT_PLUGINS="blocks,cpu")
+    out = subprocess.run([sys.executable, "-m", "llmkit", "generate", "smollm2-135m", "--prompt",
+                          "What is the capital of France?", "--max-new-tokens", "24"],
+                         env=env, capture_output=True, text=True, check=True, timeout=300)
+    assert "Paris" in out.stdout
+    summary = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"\d+ prompt tokens, \d+ generated, prefill [\d.]+ tok/s, decode [\d.]+ tok/s", summary), summary
+
+
+def test_chat_loop_keeps_the_conversation(subprocess_env) -> None:
+    env = dict(subprocess_env, LLMKIT_PLUGINS="blocks,cpu")
+    out = subprocess.run([sys.executable, "-m", "llmkit", "chat", "smollm2-135m", "--max-new-tokens", "16"],
+                         input="What is the capital of France?\nAnd of Italy?\n\n", env=env,
+                         capture_output=True, text=True, check=True, timeout=300)
+    assert "Paris" in out.stdout and "Rome" in out.stdout

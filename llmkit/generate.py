@@ -1,0 +1,143 @@
+"""Autoregressive generation: prefill, then one token per step through a preallocated KV cache.
+
+Sampling per step, on the last position's logits (float32):
+  temperature 0 -> argmax (greedy); otherwise logits / temperature, then top-k (keep the k largest),
+  then top-p (keep the smallest set of tokens, by descending probability, whose probability sums to
+  at least p; the most likely token is always kept), then a draw from the renormalised distribution
+  with a generator seeded by `seed`.
+Batched prompts of different lengths are left-padded; pad positions are -1, which attention never
+attends to, and each row continues from its own last position. A row stops at an end-of-sequence
+token or once its generated text contains a stop string (the stopping token is kept); finished rows
+are filled with the pad id. Generation ends when every row has stopped or after max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .errors import LlmkitError
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists of different lengths -> ids [B, T] and positions [B, T] (-1 on padding)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LlmkitError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    positions = torch.full((len(prompts), width), -1, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        positions[row, width - len(p):] = torch.arange(len(p))
+    return ids, positions
+
+
+def sample(
+    logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+    top_p: float | None = None, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V] (see the module docstring for the rule)."""
+    logits = logits.float()
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    if temperature < 0:
+        raise LlmkitError(f"temperature must be >= 0, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise LlmkitError(f"top_k must be >= 1, got {top_k}")
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise LlmkitError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    input_ids: torch.Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    eos: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    stream: Callable[[torch.Tensor], None] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Continue prompts; returns ids [B, T + n] with n <= max_new_tokens generated tokens.
+
+    `input_ids` is a LongTensor [B, T] (with `attention_mask` [B, T], 0 on left padding) or a list
+    of token-id lists of any lengths. `eos=False` ignores end-of-sequence tokens. `stop` strings
+    need the model's tokenizer. `stream(tokens [B])` is called after every step; `stats`, if a dict,
+    receives prompt_tokens, generated_tokens, prefill_s and decode_s.
+    """
+    if max_new_tokens < 0:
+        raise LlmkitError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    tokenizer = getattr(model, "tokenizer", None)
+    if stop and tokenizer is None:
+        raise LlmkitError("stop strings need a tokenizer; this model has none")
+    eos_ids = sorted(tokenizer.eos_ids) if (eos and tokenizer is not None) else []
+    pad_id = eos_ids[0] if eos_ids else 0
+    device = model.embedding.weight.device
+
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids.to(device=device, dtype=torch.long)
+        if ids.dim() != 2:
+            raise LlmkitError(f"input_ids must be [batch, tokens], got shape {tuple(ids.shape)}")
+        mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
+        positions = torch.where(mask, mask.long().cumsum(dim=1) - 1, torch.full_like(ids, -1))
+    else:
+        ids, positions = left_pad(input_ids, pad_id)
+        ids, positions = ids.to(device), positions.to(device)
+    batch, prompt_len = ids.shape
+    cache = model.new_cache(capacity=prompt_len + max_new_tokens)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+    start = time.perf_counter()
+    logits = model(ids, positions, cache)[:, -1]
+    prefill_s = time.perf_counter() - start
+    out = [ids]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long)
+    start = time.perf_counter()
+    for step in range(max_new_tokens):
+        if step:
+            logits = model(out[-1], cache=cache)[:, -1]
+        token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        out.append(token[:, None])
+        if stream is not None:
+            stream(token)
+        if eos_ids:
+            done |= torch.isin(token, eos_tensor)
+        if stop:
+            generated = torch.cat(out[1:], dim=1)
+            for row in range(batch):
+                if not done[row]:
+                    text = tokenizer.decode(generated[row].tolist(), skip_special_tokens=False)
+                    done[row] = any(s in text for s in stop)
+        if bool(done.all()):
+            break
+    decode_s = time.perf_counter() - start
+    result = torch.cat(out, dim=1)
+    if stats is not None:
+        n_new = result.shape[1] - prompt_len
+        stats.update(prompt_tokens=int((positions >= 0).sum()), generated_tokens=n_new * batch,
+                     prefill_s=prefill_s, decode_s=decode_s)
+    return result

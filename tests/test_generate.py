@@ -1,0 +1,149 @@
+"""Generation: cache equivalence, left padding, sampling rules, stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tokenizers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmkit import FallbackWarning, LlmkitError, Registry, build
+from llmkit.cache import StaticLayerCache
+from llmkit.generate import left_pad, sample
+from llmkit.testing import randomize
+from llmkit.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def reg() -> Registry:
+    return Registry.load(allow=["blocks", "cpu"])
+
+
+def tiny(reg, name: str, seed: int = 0):
+    model = build(name, dtype="float64", policy="reference", registry=reg, seed=seed)
+    return randomize(model, seed=seed, std=0.1)
+
+
+def greedy_by_full_forward(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-3.1-8b", "tiny-mistral-7b-v0.1", "tiny-deepseek-v3", "tiny-gemma-7b",
+                                  "tiny-grok-1", "tiny-qwen1.5-moe-a2.7b"])
+def test_greedy_generation_equals_argmax_of_full_forwards(reg, name) -> None:
+    model = tiny(reg, name)
+    ids = torch.randint(0, model.spec.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model.generate(ids, 12), greedy_by_full_forward(model, ids, 12), rtol=0, atol=0)
+
+
+def test_static_cache_decode_logits_equal_full_forward_and_windows_stay_capped(reg) -> None:
+    model = tiny(reg, "tiny-mistral-7b-v0.1")
+    window = model.spec.layers[0].attention.window
+    ids = torch.randint(0, model.spec.vocab_size, (1, 3 * window), generator=torch.Generator().manual_seed(2))
+    full = model(ids)
+    cache = model.new_cache(capacity=ids.shape[1])
+    assert all(isinstance(c, StaticLayerCache) for c in cache)
+    steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(5, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-10)
+    assert all(len(c) == window and c.tensors["k"].shape[1] == window for c in cache)
+
+
+def test_mla_generation_caches_only_the_latent(reg) -> None:
+    model = tiny(reg, "tiny-deepseek-v3")
+    cache = model.new_cache(capacity=10)
+    model(torch.randint(0, model.spec.vocab_size, (1, 10)), cache=cache)
+    att = model.spec.layers[0].attention
+    assert all(c.values_per_token() == att.kv_lora_rank + att.qk_rope_head_dim for c in cache)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(reg) -> None:
+    model = tiny(reg, "tiny-llama-3-8b")
+    prompts = [[5, 9, 13, 2, 7, 1, 4], [3, 8], [11, 6, 6, 2]]
+    together = model.generate(prompts, 8)
+    for row, p in enumerate(prompts):
+        alone = model.generate([p], 8)
+        assert together[row, -8:].tolist() == alone[0, -8:].tolist()
+    ids, positions = left_pad(prompts, pad_id=0)
+    assert positions[1].tolist() == [-1, -1, -1, -1, -1, 0, 1]
+    mask = positions >= 0
+    again = model.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(again, together)
+
+
+def test_sampling_is_seeded_and_degenerate_settings_are_greedy(reg) -> None:
+    model = tiny(reg, "tiny-llama-3-8b")
+    ids = torch.randint(0, model.spec.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    a = model.generate(ids, 10, temperature=1.5, seed=7)
+    assert torch.equal(a, model.generate(ids, 10, temperature=1.5, seed=7))
+    assert not torch.equal(a, model.generate(ids, 10, temperature=1.5, seed=8))
+    greedy = model.generate(ids, 10)
+    assert torch.equal(model.generate(ids, 10, temperature=1.0, top_k=1, seed=1), greedy)
+    assert torch.equal(model.generate(ids, 10, temperature=1.0, top_p=1e-9, seed=1), greedy)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 5), p=st.floats(0.05, 1.0))
+def test_top_k_and_top_p_only_draw_from_their_sets(seed: int, k: int, p: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 12, generator=g) * 3
+    tokens = torch.stack([sample(logits, temperature=1.0, top_k=k, generator=g) for _ in range(30)])
+    allowed = logits.topk(k, dim=-1).indices
+    assert all(tokens[i, r].item() in allowed[r].tolist() for i in range(30) for r in range(4))
+    tokens = torch.stack([sample(logits, temperature=1.0, top_p=p, generator=g) for _ in range(30)])
+    probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+    for r in range(4):
+        nucleus = order[r, : int(((probs[r].cumsum(0) - probs[r]) < p).sum())].tolist()
+        assert set(tokens[:, r].tolist()) <= set(nucleus)
+
+
+def test_temperature_sampling_follows_the_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, temperature=2.0, generator=g) for _ in range(20000)]).flatten()
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    torch.testing.assert_close(freq, (logits[0] / 2.0).softmax(-1), rtol=0, atol=0.015)
+
+
+def _word_tokenizer(vocab_size: int, eos: str = "w3") -> Tokenizer:
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    return Tokenizer(backend, eos_tokens=[eos])
+
+
+def test_eos_and_stop_strings_end_rows_and_pad_them(reg) -> None:
+    model = tiny(reg, "tiny-llama-3-8b")
+    ids = torch.randint(0, model.spec.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    free = model.generate(ids, 12, eos=False)
+    first_row_new = free[0, 5:].tolist()
+    eos_token = first_row_new[3]
+    model.tokenizer = _word_tokenizer(model.spec.vocab_size, eos=f"w{eos_token}")
+    out = model.generate(ids, 12)
+    row = out[0, 5:].tolist()
+    stop_at = row.index(eos_token)
+    assert row[:stop_at + 1] == first_row_new[:stop_at + 1] and set(row[stop_at + 1:]) <= {eos_token}
+    tok = model.tokenizer
+    stop_text = tok.decode([first_row_new[2]])
+    expected = next(i for i in range(12) if stop_text in tok.decode(first_row_new[:i + 1], skip_special_tokens=False))
+    stopped = model.generate(ids, 12, eos=False, stop=[stop_text])
+    assert stopped[0, 5:5 + expected + 1].tolist() == first_row_new[:expected + 1]
+    assert set(stopped[0, 5 + expected + 1:].tolist()) <= {0}  # padded after stopping (no eos: pad id 0)
+    stats: dict = {}
+    model.generate(ids, 4, eos=False, stats=stats)
+    assert stats["prompt_tokens"] == 10 and stats["generated_tokens"] == 8 and stats["decode_s"] > 0
+
+
+def test_bad_arguments_are_errors(reg) -> None:
+    model = tiny(reg, "tiny-llama-3-8b")
+    with pytest.raises(LlmkitError, match="stop strings need a tokenizer"):
+        model.generate([[1, 2]], 2, stop=["x"])
+    with pytest.raises(LlmkitError, match="temperature must be >= 0"):
+        model.generate([[1, 2]], 2, temperature=-1.0)
+    with pytest.raises(LlmkitError, match="every prompt needs at least one token"):
+        model.generate([[1], []], 2)
+    with pytest.raises(LlmkitError, match="cache capacity 3 exceeded"):
+        model(torch.tensor([[1, 2, 3, 4]]), cache=model.new_cache(capacity=3))
