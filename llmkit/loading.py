@@ -42,15 +42,19 @@ class Checkpoint:
     an MTP layer) and parts it cannot use (an unsupported tokenizer model, with the reason)."""
     count: int | None = None
     """How many tensors `tensors()` yields, when known (for the progress bar)."""
+    problems: list[str] = field(default_factory=list)
+    """What the reader found wrong without reading tensors (keys it cannot place); `load` reports
+    them together with what assigning the tensors finds, in one error, and loads nothing."""
 
 
 def assign_state(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str,
-                 device: str | torch.device) -> None:
+                 device: str | torch.device, problems: Iterable[str] = ()) -> None:
     """Put each tensor into `model` (built on meta) in place of the meta placeholder.
 
     Each tensor is converted to its placeholder's dtype (the model dtype, a per-kind dtype or a
     float32 pin) on `device`. Every problem is collected and raised together: unexpected keys, keys
-    given twice, wrong shapes, and finally the keys the checkpoint did not provide.
+    given twice, wrong shapes, and finally the keys the checkpoint did not provide; `problems` the
+    reader already found come first.
     """
     slots: dict[str, tuple[torch.nn.Module, str, bool]] = {}
     for mod_name, module in model.named_modules():
@@ -61,7 +65,7 @@ def assign_state(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tens
                 continue
             slots[f"{mod_name}.{name}" if mod_name else name] = (module, name, False)
     seen: set[str] = set()
-    problems: list[str] = []
+    problems = list(problems)
     for key, value in tensors:
         if key not in slots:
             problems.append(f"unexpected tensor {key!r} {tuple(value.shape)}")
@@ -192,7 +196,8 @@ def load(
     target = registry.target(backend, device=device, dtype=dt)
     model = Model(spec, registry, device="meta", dtype=dt)
     with _progress(f"loading {Path(ckpt.source).name}", ckpt.count) as advance:
-        assign_state(model, (advance(item) for item in ckpt.tensors()), source=ckpt.source, device=target.device)
+        assign_state(model, (advance(item) for item in ckpt.tensors()), source=ckpt.source, device=target.device,
+                     problems=ckpt.problems)
     model.tokenizer = ckpt.tokenizer
     model.source = ckpt.source
     model.plan = assemble(model, target, _merge_selection(spec, policy, impl, deny, strict), registry)

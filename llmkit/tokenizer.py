@@ -105,6 +105,8 @@ class Tokenizer:
         for i in gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []:
             eos.append(backend.id_to_token(i))
         template = cfg.get("chat_template")
+        if template is None and (path / "chat_template.jinja").is_file():  # where transformers 5 saves it
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         if isinstance(template, list):  # named templates: the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         return cls(backend, bos_token=token(cfg.get("bos_token")), eos_tokens=dict.fromkeys(e for e in eos if e),
