@@ -32,6 +32,7 @@ rms(c_kv) and the rotated k_rope: kv_lora_rank + qk_rope_head_dim values per tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -161,6 +162,18 @@ def attention_features(c: AttentionConfig) -> set[str]:
     return out
 
 
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
+    """[B, T, S]: may query t see key s — both real tokens (position >= 0), the key not in the
+    query's future (causal), and fewer than `window` positions behind it."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    ok = (qp >= 0) & (kp >= 0)
+    if causal:
+        ok = ok & (kp <= qp)
+    if window is not None:
+        ok = ok & (qp - kp < window)
+    return ok
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -181,31 +194,59 @@ def attend(
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    allowed = (qp >= 0) & (kp >= 0)
-    if causal:
-        allowed = allowed & (kp <= qp)
-    if window is not None:
-        allowed = allowed & (qp - kp < window)
-    allowed = allowed[:, None]  # [B, 1, T, S]
+    allowed = visible(q_pos, k_pos, causal, window)[:, None]  # [B, 1, T, S]
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     probs = probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)  # rows that see no key
     return torch.matmul(probs.to(v.dtype), v)
 
 
-def _qkv(block: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Linear = Callable[[Any, str, str | None, torch.Tensor], torch.Tensor]
+"""`linear(block, weight_name, bias_name, x)`: how a projection is computed. Impls that store their
+weights differently (quantised, re-laid-out) pass their own to `project`/`output`."""
+
+
+def linear(block: Any, weight: str, bias: str | None, x: torch.Tensor) -> torch.Tensor:
+    """x W^T + b with the block's own parameters (nn.Linear's layout)."""
+    return F.linear(x, getattr(block, weight), getattr(block, bias) if bias else None)
+
+
+def project(block: Any, x: torch.Tensor, pos: torch.Tensor,
+            lin: Linear = linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, T, d_model], pos [B, T] -> q [B, H, T, D], k and v [B, T, Hkv, D], after clip, QK-norm, RoPE.
+
+    k and v come back token-major ([B, T, ...]), the layout the cache stores."""
     c: AttentionConfig = block.config
+    b, t, _ = x.shape
     if c.fused_qkv:
-        qkv = F.linear(x, block.wqkv, block.bqkv if c.qkv_bias else None)
+        qkv = lin(block, "wqkv", "bqkv" if c.qkv_bias else None, x)
         q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        return qkv.split([q_size, kv_size, kv_size], dim=-1)
-    bias = c.qkv_bias
-    return (
-        F.linear(x, block.wq, block.bq if bias else None),
-        F.linear(x, block.wk, block.bk if bias else None),
-        F.linear(x, block.wv, block.bv if bias else None),
-    )
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    else:
+        bias = c.qkv_bias
+        q = lin(block, "wq", "bq" if bias else None, x)
+        k = lin(block, "wk", "bk" if bias else None, x)
+        v = lin(block, "wv", "bv" if bias else None, x)
+    if c.clip_qkv is not None:
+        q, k, v = (y.clamp(-c.clip_qkv, c.clip_qkv) for y in (q, k, v))
+    q = q.view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
+    k = k.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+    if c.qk_norm is not None:
+        q, k = block.q_norm(q), block.k_norm(k)
+    if c.rope is not None:
+        q, k = block.rope(q, pos), block.rope(k, pos)
+    return q, k.transpose(1, 2), v.view(b, t, c.n_kv_heads, c.head_dim)
+
+
+def output(block: Any, o: torch.Tensor, lin: Linear = linear) -> torch.Tensor:
+    """o [B, H, T, Dv] -> [B, T, d_model] through W_o (and b_o)."""
+    c: AttentionConfig = block.config
+    b, _, t, _ = o.shape
+    return lin(block, "wo", "bo" if c.o_bias else None, o.transpose(1, 2).reshape(b, t, -1))
+
+
+def softmax_scale(c: AttentionConfig) -> float:
+    return c.scale if c.scale is not None else c.head_dim**-0.5
 
 
 def attention(
@@ -215,23 +256,14 @@ def attention(
     c: AttentionConfig = block.config
     b, t, _ = x.shape
     pos = as_positions(positions, b, t)
-    q, k, v = _qkv(block, x)
-    if c.clip_qkv is not None:
-        q, k, v = (y.clamp(-c.clip_qkv, c.clip_qkv) for y in (q, k, v))
-    q = q.view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
-    k = k.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-    v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-    if c.qk_norm is not None:
-        q, k = block.q_norm(q), block.k_norm(k)
-    if c.rope is not None:
-        q, k = block.rope(q, pos), block.rope(k, pos)
+    q, k, v = project(block, x, pos)
     k_pos = pos
     if cache is not None:
-        full, k_pos = cache.extend(pos, k=k.transpose(1, 2), v=v.transpose(1, 2))
-        k, v = full["k"].transpose(1, 2), full["v"].transpose(1, 2)
-    o = attend(q, k, v, pos, k_pos, scale=c.scale if c.scale is not None else c.head_dim**-0.5, softcap=c.softcap, causal=c.causal, window=c.window)
-    o = o.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim)
-    return F.linear(o, block.wo, block.bo if c.o_bias else None)
+        full, k_pos = cache.extend(pos, k=k, v=v)
+        k, v = full["k"], full["v"]
+    o = attend(q, k.transpose(1, 2), v.transpose(1, 2), pos, k_pos, scale=softmax_scale(c), softcap=c.softcap,
+               causal=c.causal, window=c.window)
+    return output(block, o)
 
 
 def attention_cost(c: AttentionConfig, context: int) -> Cost:

@@ -83,12 +83,20 @@ def head_features(c: HeadConfig) -> set[str]:
 def head(block: Any, x: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Project hidden states [..., d_model] to logits [..., vocab_size]."""
     c: HeadConfig = block.config
+    check_tied(c, tied_weight)
+    w = tied_weight if c.tied else block.weight
+    return finish_logits(c, F.linear(x, w, block.bias if c.bias else None))
+
+
+def check_tied(c: HeadConfig, tied_weight: torch.Tensor | None) -> None:
     if c.tied and tied_weight is None:
         raise ValueError("head@1 with tied: true needs the embedding matrix as tied_weight")
     if not c.tied and tied_weight is not None:
         raise ValueError("head@1 with tied: false owns its weight; do not pass tied_weight")
-    w = tied_weight if c.tied else block.weight
-    logits = F.linear(x, w, block.bias if c.bias else None)
+
+
+def finish_logits(c: HeadConfig, logits: torch.Tensor) -> torch.Tensor:
+    """The output multiplier, then the final soft-cap c * tanh(logits / c)."""
     if c.multiplier != 1.0:
         logits = logits * c.multiplier
     if c.softcap is not None:

@@ -198,7 +198,6 @@ def features(c: RopeConfig) -> set[str]:
 def rope(block: Any, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, H, T, head_dim] by positions [B, T]."""
     c: RopeConfig = block.config
-    d = rotary_dim(c)
     angle_dtype = torch.promote_types(x.dtype, torch.float32)
     seq_len = int(positions.max()) + 1 if isinstance(c.scaling, DynamicScaling) else None
     w = inv_freq(c, seq_len).to(device=x.device, dtype=angle_dtype)
@@ -206,6 +205,12 @@ def rope(block: Any, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     scale = attention_factor(c)
     cos = (angles.cos() * scale).to(x.dtype)
     sin = (angles.sin() * scale).to(x.dtype)
+    return rotate(c, x, cos, sin)
+
+
+def rotate(c: RopeConfig, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply the rotation with precomputed cos/sin [B, 1, T, rotary_dim / 2] in x's dtype."""
+    d = rotary_dim(c)
     rot, rest = x[..., :d], x[..., d:]
     if c.layout == "half":
         a, b = rot[..., : d // 2], rot[..., d // 2:]

@@ -180,11 +180,14 @@ def load(
     impl: Any = None,
     deny: Any = None,
     strict: bool = False,
+    quant: str | None = None,
     registry: Any = None,
 ) -> Any:
-    """Load a checkpoint into a `Model` (with `.tokenizer` when the source has one) and bind impls."""
+    """Load a checkpoint into a `Model` (with `.tokenizer` when the source has one) and bind impls.
+
+    `quant` ("int8", "int4") asks the impls for weight-only quantisation (see `llmkit.build`)."""
     from .assembly import assemble
-    from .model import Model, _merge_selection
+    from .model import Model, _merge_selection, check_quant
     from .registry import default_registry
     from .spec import load_spec
     from .target import parse_dtype
@@ -193,7 +196,7 @@ def load(
     ckpt = read_checkpoint(source)
     spec = load_spec(ckpt.spec, registry)
     dt = parse_dtype(dtype or spec.dtype or torch.float32)
-    target = registry.target(backend, device=device, dtype=dt)
+    target = registry.target(backend, device=device, dtype=dt, quant=quant)
     model = Model(spec, registry, device="meta", dtype=dt)
     with _progress(f"loading {Path(ckpt.source).name}", ckpt.count) as advance:
         assign_state(model, (advance(item) for item in ckpt.tensors()), source=ckpt.source, device=target.device,
@@ -201,4 +204,5 @@ def load(
     model.tokenizer = ckpt.tokenizer
     model.source = ckpt.source
     model.plan = assemble(model, target, _merge_selection(spec, policy, impl, deny, strict), registry)
+    check_quant(model, quant)
     return model.eval()

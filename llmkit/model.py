@@ -80,6 +80,31 @@ class Model(nn.Module):
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
 
+QUANTISABLE = ("attention", "mla", "mlp", "moe", "head")
+
+
+def check_quant(model: Model, quant: str | None) -> None:
+    """Warn, naming them, about blocks with linear weights that the chosen impls left unquantised.
+
+    Weight-only quantisation is an impl's business (its `prepare` packs the weights and sets
+    `block.quantized`); a block whose impl does not support it runs in the model's dtype."""
+    if quant is None:
+        return
+    from .assembly import Block
+    from .errors import FallbackWarning
+
+    left = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Block) and m.kind.name in QUANTISABLE and getattr(m, "quantized", None) != quant:
+            left.setdefault(f"{m.kind.id} ({m.impl.qualname})", []).append(name)
+    if left:
+        import warnings
+
+        warnings.warn(FallbackWarning(
+            f"quant={quant}: {sum(map(len, left.values()))} blocks stay in the model's dtype, their impls do not "
+            "quantise: " + "; ".join(f"{k} x{len(v)}, e.g. {v[0]}" for k, v in sorted(left.items()))), stacklevel=3)
+
+
 def _merge_selection(spec: Spec, policy: str, impl: Any, deny: Any, strict: bool) -> Selection:
     """The spec's pins and denials, with the caller's pins winning per kind and denials added."""
     from_spec = Selection.make(impl=spec.impl, deny=spec.deny)
@@ -101,20 +126,23 @@ def build(
     strict: bool = False,
     seed: int = 0,
     facts: Mapping[str, Any] | None = None,
+    quant: str | None = None,
     registry: Registry | None = None,
 ) -> Model:
     """Build a randomly initialised (seeded) model from a spec, a preset name or a YAML path.
 
     `device="meta"` builds without allocating (for inspection and planning). The dispatch plan is
-    `model.plan`. dtype defaults to the spec's, else float32.
+    `model.plan`. dtype defaults to the spec's, else float32. `quant` ("int8", "int4") asks the
+    impls for weight-only quantisation; blocks whose impl does not quantise are named in a warning.
     """
     registry = registry or default_registry()
     if not isinstance(spec, Spec):
         spec = load_spec(spec, registry)
     dt = parse_dtype(dtype or spec.dtype or torch.float32)
-    target = registry.target(backend, device=device, dtype=dt, mode=mode, facts=facts)
+    target = registry.target(backend, device=device, dtype=dt, mode=mode, facts=facts, quant=quant)
     selection = _merge_selection(spec, policy, impl, deny, strict)
     generator = None if target.device == "meta" else torch.Generator(device=target.device).manual_seed(seed)
     model = Model(spec, registry, device=target.device, dtype=dt, generator=generator)
     model.plan = assemble(model, target, selection, registry)
+    check_quant(model, None if target.device == "meta" else quant)
     return model.train(mode == "train")

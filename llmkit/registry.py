@@ -270,12 +270,15 @@ class Registry:
         dtype: str | torch.dtype = torch.float32,
         mode: str = "infer",
         facts: Mapping[str, Any] | None = None,
+        quant: str | None = None,
     ) -> Target:
         """A checked target.
 
         `device="meta"` builds and plans without allocating and without needing the backend's
         hardware; `facts` injects device properties instead of reading them from the device
         (without it, a meta target gets the facts of the backend's default device if present).
+        `quant` (weight-only quantisation, e.g. "int8") is added as the fact `quant` for impls
+        that support it to act on in `prepare`.
         """
         b = self.backend(backend)
         device = device or b.default_device()
@@ -297,9 +300,12 @@ class Registry:
             # planning on meta for hardware that is here: plan what that device would get
             real = b.default_device() if dev_type == "meta" else device
             facts = b.device_facts(real) if not reasons else {}
+        facts = dict(facts)
+        if quant is not None:
+            facts["quant"] = quant
         return Target(
             backend=backend, device=device, dtype=parse_dtype(dtype), mode=mode,
-            facts=dict(facts), device_type=b.device_type,
+            facts=facts, device_type=b.device_type,
         )
 
     def check_selection(self, selection: Selection) -> None:

@@ -39,7 +39,7 @@ def test_installed_vendor_plugin_is_discovered_with_its_distribution(vendor_regi
     assert rec.backends == ["testvendor"]
     assert sorted(rec.impls) == ["mlp@1:testvendor.swiglu", "norm@1:testvendor.rmsnorm", "norm@1:testvendor.rmsnorm_lowp"]
     assert [i.qualname for i in vendor_registry.impls_for("norm@1")] == [
-        "reference.eager", "testvendor.rmsnorm", "testvendor.rmsnorm_lowp"]
+        "cpu.fused", "reference.eager", "testvendor.rmsnorm", "testvendor.rmsnorm_lowp"]
 
 
 def test_impl_for_unknown_kind_is_skipped_with_a_warning_not_fatal(vendor_registry: Registry) -> None:

@@ -88,8 +88,10 @@ def test_device_facts_are_injected_not_read_from_the_machine(vendor_registry: Re
 def test_impls_of_other_backends_are_rejected(vendor_registry: Registry) -> None:
     res = _explain(vendor_registry, "norm", {"dim": 64}, backend="cpu")
     assert _reasons(res, "testvendor.rmsnorm") == "belongs to backend 'testvendor', target is 'cpu'"
+    assert res.impl.qualname == "cpu.fused"
+    res = _explain(vendor_registry, "embedding", {"vocab_size": 10, "d_model": 8}, backend="cpu")
     assert res.impl.qualname == "reference.eager"
-    assert res.reason == "fallback: backend 'cpu' has no impl of norm@1"
+    assert res.reason == "fallback: backend 'cpu' has no impl of embedding@1"
 
 
 def test_device_type_is_checked_against_the_target(vendor_registry: Registry) -> None:
@@ -159,7 +161,7 @@ def test_denial_of_an_impl_or_a_whole_backend(vendor_registry: Registry) -> None
     ("selection", "message"),
     [
         (Selection.make(impl=["nrm=cpu"]), "unknown block kind 'nrm'; valid: attention, attention@1, embedding, embedding@1, head, head@1, layer, layer@1, mla, mla@1, mlp, mlp@1, moe, moe@1, norm, norm@1, rope, rope@1; did you mean 'norm'?"),
-        (Selection.make(impl=["norm=testvendor.rmsnrm"]), "unknown impl of norm@1 'testvendor.rmsnrm' (in --impl norm=testvendor.rmsnrm); valid: reference, reference.eager, testvendor, testvendor.rmsnorm, testvendor.rmsnorm_lowp; did you mean 'testvendor.rmsnorm'?"),
+        (Selection.make(impl=["norm=testvendor.rmsnrm"]), "unknown impl of norm@1 'testvendor.rmsnrm' (in --impl norm=testvendor.rmsnrm); valid: cpu, cpu.fused, reference, reference.eager, testvendor, testvendor.rmsnorm, testvendor.rmsnorm_lowp; did you mean 'testvendor.rmsnorm'?"),
         (Selection.make(deny=["norm=tstvendor"]), "unknown backend 'tstvendor'; valid: cpu, testvendor; did you mean 'testvendor'?"),
     ],
 )

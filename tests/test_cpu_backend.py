@@ -1,0 +1,374 @@
+"""The CPU backend's impls against the float64 reference, under DESIGN.md's precision rule.
+
+Inputs and parameters are rounded to the storage dtype; the float64 reference runs on exactly
+those values; the reference impl run in the storage dtype is the naive baseline. An impl passes
+when e_max(impl) <= 2 * e_max(naive) + floor, floor = 8 ulps of the output's magnitude, with no
+NaN/Inf where the reference is finite. Cases cover what the impls claim: GQA ratios 1..all,
+sliding windows, soft-cap (flash), odd lengths and chunk boundaries, padding, decode over a cache,
+positions near 2^15 and 2^16, every declared dtype; MoE routing with ties at the top-k boundary.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmkit
+from llmkit import Block
+from llmkit.cache import LayerCache, StaticLayerCache
+from llmkit.registry import default_registry
+from llmkit.testing import bind_reference
+from llmkit_backend_cpu import attention as cpu_attention
+from llmkit_backend_cpu import quant
+
+REG = default_registry()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _blocks(kind: str, config: dict[str, Any], dtype: torch.dtype, impl: str, seed: int = 0,
+            std: float = 0.3) -> tuple[Block, Block, Block]:
+    """(float64 reference, naive reference in dtype, impl under test in dtype) on the same values."""
+    g = torch.Generator().manual_seed(seed)
+    under = Block(REG.kind(kind), config, dtype=dtype)
+    with torch.no_grad():
+        for t in under.parameters():
+            t.copy_((std * torch.randn(t.shape, generator=g, dtype=torch.float64)).to(t.dtype))
+    exact = copy.deepcopy(under).to(torch.float64)
+    naive = copy.deepcopy(under)
+    bind_reference(exact, torch.float64)
+    bind_reference(naive)
+    bind_reference(under)
+    under.bind(REG.impl(f"{kind}@1", f"cpu.{impl}"), REG.target("cpu", dtype=dtype))
+    return exact, naive, under
+
+
+def _check(got: torch.Tensor, naive: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype and got.shape == exact.shape
+    assert torch.isfinite(got).all()
+    e_impl = (got.double() - exact).abs().max().item()
+    e_naive = (naive.double() - exact).abs().max().item()
+    floor = 8 * torch.finfo(dtype).eps * max(exact.abs().max().item(), 1e-30)
+    assert e_impl <= 2 * e_naive + floor, f"e_max {e_impl:.3g} > 2 * naive {e_naive:.3g} + floor {floor:.3g}"
+
+
+def _run(blocks: tuple[Block, Block, Block], x: torch.Tensor, *args: Any) -> None:
+    exact, naive, under = blocks
+    dtype = x.dtype
+    with torch.no_grad():
+        _check(under(x, *args), naive(x, *args), exact(x.double(), *args), dtype)
+
+
+ATTN = {"d_model": 64, "n_heads": 8, "rope": {"theta": 10000.0}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("impl", ["sdpa", "flash"])
+@pytest.mark.parametrize("extra", [
+    {"n_kv_heads": 8}, {"n_kv_heads": 2}, {"n_kv_heads": 1}, {"n_kv_heads": 4, "window": 5},
+    {"n_kv_heads": 2, "fused_qkv": True, "clip_qkv": 0.5, "qkv_bias": True}, {"n_kv_heads": 2, "causal": False},
+    {"n_kv_heads": 2, "qk_norm": {"eps": 1e-6}, "o_bias": True},
+], ids=lambda e: ",".join(e))
+def test_attention_prefill(dtype, impl, extra) -> None:
+    blocks = _blocks("attention", {**ATTN, **extra}, dtype, impl)
+    x = torch.randn(2, 19, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    _run(blocks, x, torch.arange(19))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [None, 7])
+def test_flash_soft_cap_and_sdpa_refuses_it(dtype, window) -> None:
+    config = {**ATTN, "n_kv_heads": 2, "softcap": 1.5, "window": window}
+    _run(_blocks("attention", config, dtype, "flash", std=1.0), torch.randn(2, 23, 64).to(dtype), torch.arange(23))
+    reasons = REG.impl("attention@1", "cpu.sdpa").reasons(
+        REG.kind("attention").config(**config), frozenset(REG.kind("attention").features(
+            REG.kind("attention").config(**config))), REG.target("cpu", dtype=dtype))
+    assert any("softcap" in r for r in reasons)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "flash"])
+@pytest.mark.parametrize("t", [1, 511, 512, 513, 1100])
+def test_chunk_boundaries_and_long_positions(monkeypatch, impl, t) -> None:
+    """Lengths around the flash chunk (512) and SDPA's mask blocks; positions past 2^15 and 2^16."""
+    monkeypatch.setattr(cpu_attention, "_MASK_ELEMENTS", 1000 * 64)  # force several mask blocks
+    blocks = _blocks("attention", {**ATTN, "n_kv_heads": 2, "window": 300}, torch.float32, impl)
+    x = torch.randn(1, t, 64, generator=torch.Generator().manual_seed(2))
+    for start in (0, 2**15 - 7, 2**16 - 300):
+        _run(blocks, x, torch.arange(start, start + t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", ["sdpa", "flash"])
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("gemm", [False, True])
+def test_decode_over_a_cache_with_padding(monkeypatch, dtype, impl, window, static, gemm) -> None:
+    """Left-padded prompts (negative positions), then one token at a time through a cache; sdpa's
+    decode runs through SDPA for short caches and two grouped GEMMs for long ones (forced here)."""
+    if gemm:
+        monkeypatch.setattr(cpu_attention, "_DECODE_GEMM_KEYS", 0)
+    exact, naive, under = _blocks("attention", {**ATTN, "n_kv_heads": 2, "window": window}, dtype, impl)
+    pos = torch.tensor([[-1, -1, -1, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+    def cache() -> LayerCache:
+        return StaticLayerCache(12, max_tokens=window) if static else LayerCache(max_tokens=window)
+
+    caches = [cache(), cache(), cache()]
+    with torch.no_grad():
+        outs = [[m(x[:, :6].double() if m is exact else x[:, :6], pos, c)]
+                for m, c in zip((under, naive, exact), caches)]
+        for step in range(6):
+            p = pos[:, -1:] + 1 + step
+            for out, m, c in zip(outs, (under, naive, exact), caches):
+                xin = x[:, 6 + step:7 + step]
+                out.append(m(xin.double() if m is exact else xin, p, c))
+    got, nv, ex = (torch.cat(o, 1) for o in outs)
+    assert (got[0, :3] == 0).all()  # padding queries see nothing
+    _check(got, nv, ex, dtype)
+
+
+def test_sdpa_memory_stays_linear_in_the_masked_path(monkeypatch) -> None:
+    """With a window the mask path runs; its blocks never exceed _MASK_ELEMENTS booleans."""
+    seen = []
+    real = cpu_attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            seen.append(attn_mask.shape[-2] * attn_mask.shape[-1])
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(cpu_attention, "_MASK_ELEMENTS", 64 * 300)
+    monkeypatch.setattr(cpu_attention.F, "scaled_dot_product_attention", spy)
+    _, _, under = _blocks("attention", {**ATTN, "n_kv_heads": 2, "window": 16}, torch.float32, "sdpa")
+    with torch.no_grad():
+        under(torch.randn(1, 300, 64), torch.arange(300))
+    assert seen and max(seen) <= 64 * 300 and len(seen) >= 5
+
+
+# ---------------------------------------------------------------- MoE
+
+MOE = {"d_model": 32, "n_experts": 8, "top_k": 2, "hidden": 48}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("extra", [
+    {}, {"renormalize": "none", "activation": "gelu_tanh"},
+    {"scoring": "sigmoid", "correction_bias": True, "n_group": 4, "topk_group": 2, "routed_scaling": 2.5,
+     "shared_hidden": 16},
+    {"shared_hidden": 24, "shared_gate": True, "gated": False, "expert_bias": True, "activation": "relu"},
+    {"capacity_factor": 0.5},
+], ids=lambda e: ",".join(e) or "mixtral")
+@pytest.mark.parametrize("tokens", [1, 3, 64])
+def test_moe_grouped(dtype, extra, tokens) -> None:
+    blocks = _blocks("moe", {**MOE, **extra}, dtype, "grouped")
+    if "correction_bias" in extra:
+        for b in blocks:
+            b.correction_bias.copy_(0.3 * torch.randn(8, generator=torch.Generator().manual_seed(9)))
+    x = torch.randn(2, tokens, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    exact, naive, under = blocks
+    with torch.no_grad():
+        got, nv = under(x), naive(x)
+        ex = exact(x.double())
+    # the impl routes exactly as the naive reference in the same dtype (the same routing code)
+    assert torch.equal(under.routing.selected, naive.routing.selected)
+    assert torch.equal(under.routing.tokens_per_expert, naive.routing.tokens_per_expert)
+    assert under.routing.dropped == naive.routing.dropped
+    if torch.equal(naive.routing.selected, exact.routing.selected):
+        _check(got, nv, ex, dtype)
+    else:  # a near-tie flipped a choice in low precision: compare with the naive baseline instead
+        assert dtype in (torch.bfloat16, torch.float16)
+        torch.testing.assert_close(got, nv, rtol=2e-2, atol=2e-2)
+
+
+def test_moe_ties_at_the_top_k_boundary() -> None:
+    """Identical router rows for experts 1 and 2: both impls pick the same one (the same topk)."""
+    exact, naive, under = _blocks("moe", MOE, torch.float32, "grouped")
+    with torch.no_grad():
+        for b in (exact, naive, under):
+            b.router[2] = b.router[1]
+        x = torch.randn(40, 32, generator=torch.Generator().manual_seed(5))
+        _check(under(x), naive(x), exact(x.double()), torch.float32)
+    assert torch.equal(under.routing.selected, naive.routing.selected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_experts=st.sampled_from([2, 4, 6, 8]), top_k=st.integers(1, 2), tokens=st.integers(0, 9),
+       seed=st.integers(0, 2**16))
+def test_moe_grouped_equals_reference_property(n_experts, top_k, tokens, seed) -> None:
+    config = {"d_model": 16, "n_experts": n_experts, "top_k": top_k, "hidden": 8}
+    exact, naive, under = _blocks("moe", config, torch.float32, "grouped", seed=seed)
+    x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(under(x), naive(x), rtol=1e-5, atol=1e-6)
+    assert under.routing.tokens_per_expert.sum() == tokens * top_k
+
+
+# ---------------------------------------------------------------- RoPE
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rope", [
+    {"theta": 10000.0}, {"theta": 5e5, "layout": "interleaved", "partial": 0.5},
+    {"scaling": {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16}},
+    {"scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 16}},
+], ids=lambda r: ",".join(r))
+def test_rope_cached(dtype, rope) -> None:
+    blocks = _blocks("rope", {"head_dim": 16, **rope}, dtype, "cached")
+    x = torch.randn(2, 3, 9, 16).to(dtype)
+    _run(blocks, x, torch.arange(2**16 - 4, 2**16 + 5).expand(2, -1))
+    # the same buffer rewritten in place with other positions must not reuse the old tables
+    pos = torch.arange(9).expand(2, -1).clone()
+    under, naive = blocks[2], blocks[1]
+    first = under(x, pos)
+    pos += 100
+    assert not torch.equal(under(x, pos), first)
+    torch.testing.assert_close(under(x, pos), naive(x, pos))
+
+
+def test_rope_refuses_dynamic_scaling_with_a_reason() -> None:
+    cfg = REG.kind("rope").config(head_dim=16, scaling={"type": "dynamic", "factor": 2.0,
+                                                        "original_max_position_embeddings": 8})
+    reasons = REG.impl("rope@1", "cpu.cached").reasons(cfg, frozenset(), REG.target("cpu", dtype=torch.float32))
+    assert any("dynamic NTK" in r for r in reasons)
+
+
+# ---------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama-3-8b", "tiny-grok-1", "tiny-mixtral-8x7b", "tiny-dbrx",
+                                    "tiny-mistral-7b-v0.1", "tiny-qwen1.5-moe-a2.7b"])
+def test_models_on_cpu_match_the_reference_backend(preset) -> None:
+    ref = llmkit.build(preset, dtype="float32", policy="reference")
+    with pytest.warns(llmkit.errors.FallbackWarning):  # norms, MLPs, embedding, head stay reference
+        cpu = llmkit.build(preset, dtype="float32")
+    cpu.load_state_dict(ref.state_dict())
+    used = {e.resolution.impl.qualname for e in cpu.plan.entries}
+    assert {"cpu.cached"} <= used and used & {"cpu.sdpa", "cpu.flash"}
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(cpu(ids), ref(ids), rtol=1e-4, atol=1e-4)
+        assert torch.equal(cpu.generate(ids[:, :8], max_new_tokens=12), ref.generate(ids[:, :8], max_new_tokens=12))
+
+
+# ---------------------------------------------------------------- norm, MLP, head
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", [
+    {"type": "rms", "eps": 1e-5}, {"type": "rms", "unit_offset": True, "cast": "after_weight"},
+    {"type": "layer", "bias": True}, {"type": "layer", "cast": "before_weight"},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_norm_fused(dtype, config) -> None:
+    blocks = _blocks("norm", {"dim": 48, **config}, dtype, "fused")
+    for b in blocks:  # weights around 1 (or 0 for 1 + w), as trained norms are
+        with torch.no_grad():
+            b.weight.add_(0.0 if config.get("unit_offset") else 1.0)
+    _run(blocks, (3 * torch.randn(2, 5, 48) + 1).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", [{"gated": True, "activation": "silu"},
+                                    {"gated": False, "activation": "gelu", "bias": True}],
+                         ids=["swiglu", "gelu_bias"])
+def test_mlp_unquantised_is_the_reference(dtype, config) -> None:
+    _run(_blocks("mlp", {"d_model": 32, "hidden": 64, **config}, dtype, "linear"), torch.randn(2, 7, 32).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", [{"tied": False, "bias": True, "softcap": 3.0}, {"tied": True, "multiplier": 0.5}],
+                         ids=["untied", "tied"])
+def test_head_unquantised_is_the_reference(dtype, config) -> None:
+    exact, naive, under = _blocks("head", {"d_model": 32, "vocab_size": 50, **config}, dtype, "linear")
+    x = torch.randn(2, 3, 32).to(dtype)
+    tied = 0.3 * torch.randn(50, 32).to(dtype) if config["tied"] else None
+    with torch.no_grad():
+        _check(under(x, tied), naive(x, tied), exact(x.double(), None if tied is None else tied.double()), dtype)
+
+
+# ---------------------------------------------------------------- weight-only quantisation
+
+
+def _dequantised(entry, in_features: int) -> torch.Tensor:
+    """What the kernel multiplies by, read back through it: x = I gives dequant(W)^T."""
+    return quant.matmul(entry, torch.eye(in_features, dtype=entry[2].dtype)).T.float()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantised_weights_are_within_half_a_step(mode) -> None:
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 96)[:, None]
+    entry = quant.pack(w, mode, torch.float32)
+    err = (_dequantised(entry, 128) - w).abs()
+    if mode == "int8":
+        step = w.abs().amax(1, keepdim=True) / 127
+    else:
+        g = w.view(96, -1, quant.GROUP)
+        step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(quant.GROUP, dim=1)
+    assert (err <= step / 2 + 1e-6 * w.abs().max()).all()
+    assert err.max() > 0  # it is quantised
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("preset", ["tiny-smollm2-135m", "tiny-qwen1.5-0.5b"])
+def test_quantised_model_equals_the_model_with_dequantised_weights(mode, preset) -> None:
+    """The packed kernels compute x @ dequant(W)^T: a model carrying those dequantised weights in
+    float32, on the reference impls, gives the same logits."""
+    with pytest.warns(llmkit.errors.FallbackWarning):
+        model = llmkit.build(preset, dtype="float32", quant=mode, seed=3)
+    twin = llmkit.build(preset, dtype="float32", policy="reference", seed=3)
+    state = twin.state_dict()
+    for name, m in model.named_modules():
+        for weight, entry in getattr(m, "_cpu_quant", {}).items():
+            state[f"{name}.{weight}"] = _dequantised(entry, getattr(m, weight).shape[1])
+    tied = model.spec.tied
+    if tied:  # the tied head packs the embedding at its first call
+        ids = torch.zeros(1, 1, dtype=torch.long)
+        model(ids)
+        state["embedding.weight"] = model.embedding.weight.detach().clone()
+        twin_head = _dequantised(model.head._cpu_tied[1], model.spec.d_model)
+    twin.load_state_dict(state)
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = twin(ids) if not tied else _finish_with(twin, ids, twin_head)
+        torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
+    assert {m.quantized for m in model.modules() if getattr(m, "quantized", None)} == {mode}
+
+
+def _finish_with(model, ids: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    """The model's logits with the head's matrix replaced (a tied head quantises its own copy)."""
+    h = model.embedding(ids)
+    for layer in model.layers:
+        h = layer(h, torch.arange(ids.shape[1]))
+    return model.head(model.norm(h), head_weight)
+
+
+def test_blocks_left_unquantised_are_named() -> None:
+    with pytest.warns(llmkit.errors.FallbackWarning) as caught:
+        llmkit.build("tiny-mixtral-8x7b", dtype="bfloat16", quant="int8")
+    messages = [str(w.message) for w in caught if "quant=" in str(w.message)]
+    assert len(messages) == 1 and "quant=int8: 2 blocks stay" in messages[0]
+    assert "moe@1 (cpu.grouped) x2, e.g. layers.0.mlp" in messages[0]
+
+
+@pytest.mark.parametrize("mode, agree", [("int8", 0.9), ("int4", 0.85)])
+def test_smollm2_quantised_accuracy(mode, agree) -> None:
+    """Next-token agreement with the unquantised bf16 model on real text (documented cost)."""
+    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+            "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+            "from 1887 to 1889. Locally nicknamed the Iron Lady, it was constructed as the centrepiece "
+            "of the 1889 World's Fair.")
+    with pytest.warns(llmkit.errors.FallbackWarning):
+        base = llmkit.load("smollm2-135m", dtype="bfloat16")
+        quantised = llmkit.load("smollm2-135m", dtype="bfloat16", quant=mode)
+    ids = torch.tensor([base.tokenizer.encode(text)])
+    with torch.inference_mode():
+        a, b = base(ids).float(), quantised(ids).float()
+    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+    print(f"\nSmolLM2 {mode}: top-1 agreement {top1:.3f} over {ids.shape[1]} tokens, KL {kl.item() / ids.shape[1]:.4f}")
+    assert top1 >= agree
