@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from llmkit.bench import cpu_model, write_json_atomic
+
 CONFIG = {"d_model": 576, "n_heads": 9, "n_kv_heads": 3, "rope": {"theta": 100000.0}}
 CASES = [("cpu.sdpa", {}), ("cpu.flash", {}), ("cpu.flash", {"softcap": 50.0}), ("reference.eager", {})]
 REFERENCE_MAX = 4096
@@ -73,12 +75,9 @@ def main() -> None:
             print(f"{impl:16} softcap={extra.get('softcap', '-'):5} T={t:6}: {row['seconds']:8.2f} s "
                   f"{row['tokens_per_s']:8.0f} tok/s, extra peak {row['extra_peak_mib']:8.1f} MiB")
     record = {"benchmark": "attention_long", "config": CONFIG, "machine": {
-        "cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+        "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
         "python": platform.python_version()}, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, record)
 
 
 if __name__ == "__main__":

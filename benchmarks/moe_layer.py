@@ -14,7 +14,6 @@ backend's calibration (best torch.mm and large copy). Median of `--repeat` runs 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from llmkit.bench import write_json_atomic
 
 D, HIDDEN, EXPERTS, TOP_K = 1024, 3584, 8, 2
 
@@ -103,10 +104,7 @@ def main() -> None:
     record = {"benchmark": "moe_layer", "shape": {"d_model": D, "hidden": HIDDEN, "experts": EXPERTS, "top_k": TOP_K},
               "machine": {"logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                           "python": platform.python_version(), "torch": torch.__version__}, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, record)
 
 
 if __name__ == "__main__":

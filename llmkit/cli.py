@@ -7,6 +7,7 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -45,11 +46,15 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
                    help="never use this impl or backend for the kind; repeatable")
     g.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE",
                    help="inject a device fact instead of reading the device (with --device meta)")
+    g.add_argument("--quant", default=None, choices=("int8", "int4"),
+                   help="weight-only quantisation of the linears, by the impls that support it "
+                        "(cpu: attention, mlp, head; fastest with --dtype bfloat16)")
 
 
 def target_from_args(args: argparse.Namespace, registry: Any) -> tuple[Any, Selection]:
     facts = dict(_kv(f, "--fact") for f in args.fact) if args.fact else None
-    target = registry.target(args.backend, device=args.device, dtype=args.dtype or "float32", mode=args.mode, facts=facts)
+    target = registry.target(args.backend, device=args.device, dtype=args.dtype or "float32", mode=args.mode,
+                             facts=facts, quant=args.quant)
     selection = Selection.make(args.policy, args.impl, args.deny, strict=args.strict)
     registry.check_selection(selection)
     return target, selection
@@ -105,6 +110,7 @@ def cmd_build(args: argparse.Namespace, console: Console) -> int:
     facts = dict(_kv(f, "--fact") for f in args.fact) if args.fact else None
     model = build(args.spec, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
                   impl=args.impl, deny=args.deny, strict=args.strict, seed=args.seed, facts=facts, mode=args.mode,
+                  quant=args.quant,
                   registry=registry)
     assert model.plan is not None
     if args.json:
@@ -142,7 +148,7 @@ def _load_for_generation(args: argparse.Namespace) -> Any:
     from .loading import load
 
     model = load(args.source, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
-                 impl=args.impl, deny=args.deny, strict=args.strict)
+                 impl=args.impl, deny=args.deny, strict=args.strict, quant=args.quant)
     if model.tokenizer is None:
         raise LlmkitError(f"{args.source}: the checkpoint has no tokenizer, so text cannot be generated")
     return model
@@ -214,6 +220,32 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .bench import bench, render, write_json_atomic
+
+    names = [b.strip() for b in args.baseline.split(",") if b.strip()]
+    baselines = [] if names == ["none"] else names
+    err = Console(stderr=True)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("bench", total=None)
+        record = bench(args.source, backend=args.backend, dtype=args.dtype, quant=args.quant, policy=args.policy,
+                       device=args.device, impl=args.impl, deny=args.deny, strict=args.strict,
+                       prompt_len=args.prompt_len, gen_len=args.gen_len, baselines=baselines, threads=args.threads,
+                       repeats=args.repeats,
+                       progress=lambda engine: bar.update(task, description=f"measuring {engine} (own process)"))
+    if args.out:
+        write_json_atomic(args.out, record)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        console.print(render(record))
+    # a baseline that failed (not one that was skipped) leaves the comparison incomplete
+    return 1 if any("error" in r for r in record["engines"].values()) else 0
+
+
 def cmd_presets(args: argparse.Namespace, console: Console) -> int:
     from .spec import load_spec, preset_names
 
@@ -282,6 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
         add_target_options(p)
         p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+
+    p = sub.add_parser("bench", help="prefill/decode tok/s, time to first token and peak memory, "
+                                     "against baselines on the same weights in the same run "
+                                     "(exit status 1 when a baseline failed)")
+    p.add_argument("source", help="HF checkpoint directory, .gguf file, or a preset with local weights (smollm2-135m)")
+    p.add_argument("--baseline", default="transformers", metavar="NAMES",
+                   help="comma-separated baselines: transformers, llamacpp; 'none' for llmkit alone "
+                        "(default: transformers). A baseline that is not installed is reported as skipped")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
+    p.add_argument("--gen-len", type=int, default=64, help="generated tokens, greedy (default: 64)")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per engine after a warm-up; medians (default: 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in every engine and llama.cpp's n_threads (default: torch's default; "
+                        "llama.cpp: all CPUs)")
+    p.add_argument("--json", action="store_true", help="print the record as JSON instead of a table")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the record as JSON (atomically)")
+    add_target_options(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("presets", help="list the shipped model presets")
     p.set_defaults(func=cmd_presets)

@@ -110,7 +110,7 @@ def generate(
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
     start = time.perf_counter()
-    logits = model(ids, positions, cache)[:, -1]
+    logits = model(ids, positions, cache, last_only=True)[:, -1]
     prefill_s = time.perf_counter() - start
     out = [ids]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -118,7 +118,7 @@ def generate(
     start = time.perf_counter()
     for step in range(max_new_tokens):
         if step:
-            logits = model(out[-1], cache=cache)[:, -1]
+            logits = model(out[-1], cache=cache, last_only=True)[:, -1]
         token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out.append(token[:, None])

@@ -58,8 +58,11 @@ class Model(nn.Module):
         ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: list[LayerCache] | None = None,
+        *,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T, vocab]. Positions ([T] or [B, T]; negative = padding)
+        """ids [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with `last_only`: the head runs on the
+        last position only, what generation needs). Positions ([T] or [B, T]; negative = padding)
         default to 0..T-1, or to continuing each row of the cache."""
         if positions is None:
             steps = torch.arange(ids.shape[1], device=ids.device)
@@ -70,7 +73,7 @@ class Model(nn.Module):
         h = self.embedding(ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, positions, cache[i] if cache is not None else None)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         return self.head(h, self.embedding.weight) if self.spec.tied else self.head(h)
 
     def generate(self, input_ids: Any, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:

@@ -39,6 +39,16 @@ def test_greedy_generation_equals_argmax_of_full_forwards(reg, name) -> None:
     torch.testing.assert_close(model.generate(ids, 12), greedy_by_full_forward(model, ids, 12), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama-3-8b", "tiny-gemma-7b"])  # untied and tied heads
+def test_last_only_logits_are_the_last_row_of_the_full_forward(reg, name) -> None:
+    model = tiny(reg, name)
+    ids = torch.randint(0, model.spec.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, last = model(ids), model(ids, last_only=True)
+    assert last.shape == (2, 1, model.spec.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-12, atol=1e-12)  # a GEMM of other shape
+
+
 def test_static_cache_decode_logits_equal_full_forward_and_windows_stay_capped(reg) -> None:
     model = tiny(reg, "tiny-mistral-7b-v0.1")
     window = model.spec.layers[0].attention.window
