@@ -21,7 +21,8 @@ engine warms caches or allocators for another; the parent collects one JSON reco
 
 Engines:
   llmkit        `llmkit.load(source, ...)` and `Model.generate` with its preallocated static KV
-                cache; prefill time is generate's own `prefill_s` (logits of the last position only).
+                cache; prefill time is generate's own `prefill_s` (logits of the last position only);
+                with `compile`, decode steps run as one torch.compile'd graph, compiled in the warm-up.
   transformers  the same weights through transformers (`from_pretrained(dir)`, or its GGUF loader,
                 which dequantises to the dtype) in the dtype llmkit ran in; a hand-written greedy
                 loop over `model(ids, cache=..., use_cache=True, logits_to_keep=1)` with its own
@@ -101,6 +102,7 @@ def bench(
     baselines: Sequence[str] = ("transformers",),
     threads: int | None = None,
     repeats: int = 3,
+    compile: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure `source` under llmkit and each baseline; returns the benchmark record (module docstring).
@@ -126,7 +128,7 @@ def bench(
         progress("llmkit")
     ours = _run_child({**job, "engine": "llmkit", "source": str(source), "backend": backend, "dtype": dtype,
                        "quant": quant, "policy": policy, "device": device, "impl": list(impl or []),
-                       "deny": list(deny or []), "strict": strict})
+                       "deny": list(deny or []), "strict": strict, "compile": compile})
     if "error" in ours:
         raise LlmkitError(ours["error"])
     ids, tokens, prompt = ours.pop("ids"), ours.pop("tokens"), ours.pop("prompt")
@@ -162,7 +164,7 @@ def bench(
                     "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__},
         "workload": {"source": str(source), "path": ours["source"], "backend": backend, "device": device,
-                     "dtype": ours["dtype"], "quant": quant, "policy": policy, "batch": 1, "prompt_len": prompt_len,
+                     "dtype": ours["dtype"], "quant": quant, "compile": compile, "policy": policy, "batch": 1, "prompt_len": prompt_len,
                      "gen_len": gen_len, "prompt": prompt, "repeats": repeats, "warmup": 1,
                      "threads": threads},
         "engines": engines,
@@ -359,7 +361,7 @@ def _measure_llmkit(job: dict[str, Any]) -> dict[str, Any]:
 
         stats: dict[str, Any] = {}
         start = time.perf_counter()
-        out = model.generate([ids], gen_len, eos=False, stream=stream, stats=stats)
+        out = model.generate([ids], gen_len, eos=False, stream=stream, stats=stats, compile=job["compile"])
         return stats["prefill_s"], marks[0] - start, marks[-1] - marks[0], out[0, len(ids):].tolist()
 
     assert model.plan is not None

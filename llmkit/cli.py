@@ -29,6 +29,10 @@ def _kv(text: str, flag: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value) if value.strip() else ""
 
 
+COMPILE_HELP = ("run the decode steps as one torch.compile'd graph (the first step compiles: tens of "
+                "seconds; cached in $TORCHINDUCTOR_CACHE_DIR, default ${XDG_CACHE_HOME:-~/.cache}/llmkit/inductor)")
+
+
 def add_target_options(p: argparse.ArgumentParser) -> None:
     """Options every command that resolves blocks shares (build, generate, bench, ...)."""
     g = p.add_argument_group("target and selection")
@@ -176,7 +180,7 @@ def _generate_turn(model: Any, prompt_ids: list[int], args: argparse.Namespace, 
     stats: dict[str, Any] = {}
     out = model.generate([prompt_ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop=args.stop or None,
-                         stream=_Streamer(model.tokenizer), stats=stats)
+                         stream=_Streamer(model.tokenizer), stats=stats, compile=args.compile)
     print()
     new = out[0, len(prompt_ids):].tolist()
     n = stats["generated_tokens"]
@@ -234,7 +238,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         record = bench(args.source, backend=args.backend, dtype=args.dtype, quant=args.quant, policy=args.policy,
                        device=args.device, impl=args.impl, deny=args.deny, strict=args.strict,
                        prompt_len=args.prompt_len, gen_len=args.gen_len, baselines=baselines, threads=args.threads,
-                       repeats=args.repeats,
+                       repeats=args.repeats, compile=args.compile,
                        progress=lambda engine: bar.update(task, description=f"measuring {engine} (own process)"))
     if args.out:
         write_json_atomic(args.out, record)
@@ -312,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=None)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+        p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
         add_target_options(p)
         p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 
@@ -328,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every engine and llama.cpp's n_threads (default: torch's default; "
                         "llama.cpp: all CPUs)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--json", action="store_true", help="print the record as JSON instead of a table")
     p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the record as JSON (atomically)")
     add_target_options(p)

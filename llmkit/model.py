@@ -76,6 +76,12 @@ class Model(nn.Module):
         h = self.norm(h[:, -1:] if last_only else h)
         return self.head(h, self.embedding.weight) if self.spec.tied else self.head(h)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a compiled decode step (generate(compile=True)) is a cache of this process, not state
+        state = super().__getstate__()
+        state.pop("_compiled_decode", None)
+        return state
+
     def generate(self, input_ids: Any, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
         """Continue `input_ids` (see `llmkit.generate.generate` for the options)."""
         from .generate import generate

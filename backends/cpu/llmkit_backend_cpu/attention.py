@@ -62,6 +62,12 @@ def sdpa_forward(block: Any, x: torch.Tensor, positions: torch.Tensor,
     q, k, v, k_pos = _project(block, x, pos, cache)
     gqa = c.n_heads != c.n_kv_heads
     scale = _attn.softmax_scale(c)
+    if t == 1 and torch.compiler.is_compiling():
+        # inside a compiled decode step: no data-dependent branch (each would break the graph)
+        ok = _attn.visible(pos, k_pos, c.causal, c.window)[:, None]
+        empty = ~ok.any(dim=-1, keepdim=True)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ok | empty, scale=scale, enable_gqa=gqa)
+        return _attn.output(block, o.masked_fill(empty, 0.0), linear)
     if t == 1 and k.shape[2] > _DECODE_GEMM_KEYS:
         return _attn.output(block, _decode(q, k, v, pos, k_pos, scale, c.causal, c.window), linear)
     plain = c.causal and c.window is None and k.shape[2] == t and bool((pos >= 0).all())

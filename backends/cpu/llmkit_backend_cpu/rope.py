@@ -30,8 +30,10 @@ def prepare(block: Any, target: Target) -> None:
 
 def _tables(block: Any, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # compared by value (cheap: [B, T] integers); identity is not enough, a caller may reuse a buffer
+    # inside a compiled graph the tables are computed once per step anyway: no memo, no data check
+    compiling = torch.compiler.is_compiling()
     cached = block._cpu_tables
-    if cached is not None and cached[1] == x.dtype and cached[0].shape == positions.shape \
+    if not compiling and cached is not None and cached[1] == x.dtype and cached[0].shape == positions.shape \
             and torch.equal(cached[0], positions):
         return cached[2], cached[3]
     angle_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -39,7 +41,8 @@ def _tables(block: Any, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch
     scale = _rope.attention_factor(block.config)
     cos = (angles.cos() * scale).to(x.dtype)
     sin = (angles.sin() * scale).to(x.dtype)
-    block._cpu_tables = (positions.clone(), x.dtype, cos, sin)
+    if not compiling:
+        block._cpu_tables = (positions.clone(), x.dtype, cos, sin)
     return cos, sin
 
 
