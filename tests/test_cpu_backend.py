@@ -316,11 +316,15 @@ def test_quantised_weights_are_within_half_a_step(mode) -> None:
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("preset", ["tiny-smollm2-135m", "tiny-qwen1.5-0.5b"])
 def test_quantised_model_equals_the_model_with_dequantised_weights(mode, preset) -> None:
-    """The packed kernels compute x @ dequant(W)^T: a model carrying those dequantised weights in
-    float32, on the reference impls, gives the same logits."""
+    """At decode sizes the packed kernels compute x @ dequant(W)^T: a model carrying those
+    dequantised weights in float32, on the reference impls, gives the same logits. At prefill
+    sizes the float weights are used: the unquantised model's logits."""
     with pytest.warns(llmkit.errors.FallbackWarning):
         model = llmkit.build(preset, dtype="float32", quant=mode, seed=3)
     twin = llmkit.build(preset, dtype="float32", policy="reference", seed=3)
+    long_ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(long_ids), twin(long_ids), rtol=1e-5, atol=1e-5)
     state = twin.state_dict()
     for name, m in model.named_modules():
         for weight, entry in getattr(m, "_cpu_quant", {}).items():
@@ -332,7 +336,7 @@ def test_quantised_model_equals_the_model_with_dequantised_weights(mode, preset)
         state["embedding.weight"] = model.embedding.weight.detach().clone()
         twin_head = _dequantised(model.head._cpu_tied[1], model.spec.d_model)
     twin.load_state_dict(state)
-    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 200, (2, 8), generator=torch.Generator().manual_seed(1))  # 16 rows: packed
     with torch.no_grad():
         want = twin(ids) if not tied else _finish_with(twin, ids, twin_head)
         torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
@@ -357,7 +361,8 @@ def test_blocks_left_unquantised_are_named() -> None:
 
 @pytest.mark.parametrize("mode, agree", [("int8", 0.9), ("int4", 0.85)])
 def test_smollm2_quantised_accuracy(mode, agree) -> None:
-    """Next-token agreement with the unquantised bf16 model on real text (documented cost)."""
+    """Next-token agreement with the unquantised bf16 model on real text (documented cost), the
+    quantised model fed one token at a time through its cache, as in decoding."""
     text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
             "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
             "from 1887 to 1889. Locally nicknamed the Iron Lady, it was constructed as the centrepiece "
@@ -367,7 +372,9 @@ def test_smollm2_quantised_accuracy(mode, agree) -> None:
         quantised = llmkit.load("smollm2-135m", dtype="bfloat16", quant=mode)
     ids = torch.tensor([base.tokenizer.encode(text)])
     with torch.inference_mode():
-        a, b = base(ids).float(), quantised(ids).float()
+        a = base(ids).float()
+        cache = quantised.new_cache(capacity=ids.shape[1])
+        b = torch.cat([quantised(ids[:, t:t + 1], cache=cache) for t in range(ids.shape[1])], dim=1).float()
     top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
     print(f"\nSmolLM2 {mode}: top-1 agreement {top1:.3f} over {ids.shape[1]} tokens, KL {kl.item() / ids.shape[1]:.4f}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import llmkit
 from llmkit import FallbackWarning, Registry, build, inspect, load_spec, preset_names
 
 NAMES = ["llama-2-7b", "llama-2-70b", "llama-3-8b", "llama-3.1-8b", "mistral-7b-v0.1", "mixtral-8x7b",

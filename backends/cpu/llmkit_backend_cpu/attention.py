@@ -62,14 +62,11 @@ def sdpa_forward(block: Any, x: torch.Tensor, positions: torch.Tensor,
     q, k, v, k_pos = _project(block, x, pos, cache)
     gqa = c.n_heads != c.n_kv_heads
     scale = _attn.softmax_scale(c)
-    if t == 1 and torch.compiler.is_compiling():
-        # inside a compiled decode step: no data-dependent branch (each would break the graph)
-        ok = _attn.visible(pos, k_pos, c.causal, c.window)[:, None]
-        empty = ~ok.any(dim=-1, keepdim=True)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ok | empty, scale=scale, enable_gqa=gqa)
-        return _attn.output(block, o.masked_fill(empty, 0.0), linear)
-    if t == 1 and k.shape[2] > _DECODE_GEMM_KEYS:
-        return _attn.output(block, _decode(q, k, v, pos, k_pos, scale, c.causal, c.window), linear)
+    compiling = torch.compiler.is_compiling()
+    if t == 1 and (compiling or k.shape[2] > _DECODE_GEMM_KEYS):
+        # inside a compiled step always: it has no data-dependent branch, which would break the graph
+        o = _decode(q, k, v, pos, k_pos, scale, c.causal, c.window, always_mask=compiling)
+        return _attn.output(block, o, linear)
     plain = c.causal and c.window is None and k.shape[2] == t and bool((pos >= 0).all())
     if plain and (t == 1 or bool((pos[:, 1:] > pos[:, :-1]).all())):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=scale, enable_gqa=gqa)
@@ -91,7 +88,7 @@ def sdpa_forward(block: Any, x: torch.Tensor, positions: torch.Tensor,
 
 
 def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-            scale: float, causal: bool, window: int | None) -> torch.Tensor:
+            scale: float, causal: bool, window: int | None, always_mask: bool = False) -> torch.Tensor:
     """One query per row over the cache: the g query heads of a KV head as one [g, S] GEMM (no K/V
     copies), scores promoted to float32 for the softmax — the reference's arithmetic."""
     b, h, _, d = q.shape
@@ -99,7 +96,7 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
     scores = torch.matmul(q.view(b, hkv, h // hkv, d), k.transpose(-1, -2))
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
     ok = _attn.visible(q_pos, k_pos, causal, window)[:, None]  # [B, 1, 1, S]
-    everything = bool(ok.all())
+    everything = False if always_mask else bool(ok.all())
     if not everything:
         scores = scores.masked_fill(~ok, float("-inf"))
     probs = torch.softmax(scores, dim=-1)

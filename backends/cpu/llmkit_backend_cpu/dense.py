@@ -18,6 +18,7 @@ from llmkit.hookspecs import Target
 from llmkit_blocks import embedding as _embedding
 from llmkit_blocks.mlp import activation
 
+from . import quant
 from .quant import linear, matmul, pack, quantize
 
 
@@ -49,7 +50,7 @@ def head_forward(block: Any, x: torch.Tensor, tied_weight: torch.Tensor | None =
     bias = block.bias if c.bias else None
     if not c.tied:
         logits = linear(block, "weight", "bias" if c.bias else None, x)
-    elif block._cpu_tied_mode is None:
+    elif block._cpu_tied_mode is None or x.numel() > quant.PACKED_MAX_ROWS * x.shape[-1]:
         logits = F.linear(x, tied_weight, bias)
     else:
         if block._cpu_tied is None or block._cpu_tied[0] is not tied_weight:

@@ -3,8 +3,9 @@
 Selected per model with `quant="int8"` or `"int4"` (`llmkit.load/build(..., quant=...)`, CLI
 `--quant`), which reaches impls as the target fact `quant`. An impl that supports it quantises its
 block's linear weights once, in `prepare`, into `block._cpu_quant` (the float parameters stay: the
-state dict is the same on every backend); `linear` then uses the packed weights. Activations stay
-in the model's dtype (bfloat16 is the fast path; float32 works but int8 runs slowly there).
+state dict is the same on every backend); `linear` then uses the packed weights for decode-sized
+inputs (see `PACKED_MAX_ROWS`). Activations stay in the model's dtype (bfloat16 is the fast path;
+float32 works but int8 runs slowly there).
 
 - int8: symmetric per output channel, s = max|w_row| / 127, q = round(w / s) in [-127, 127];
   `torch._weight_int8pack_mm(x, q, s)`. Error per weight <= s / 2.
@@ -27,6 +28,11 @@ from llmkit_blocks import attention as _attn
 
 MODES = ("int8", "int4")
 GROUP = 32
+PACKED_MAX_ROWS = 16
+"""Above this many rows (prefill) a linear uses the float weight, which the block keeps anyway: a
+large GEMM is compute-bound, and PyTorch's packed CPU kernels are slower there than its float
+GEMM (SmolLM2 512-token prefill in bf16: 543 tok/s with int8 kernels vs 1059 with bf16 GEMMs);
+at decode the packed weight's smaller reads win. Quantisation is thus a decode-time choice."""
 
 
 def pack(w: torch.Tensor, mode: str, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor]:
@@ -76,7 +82,7 @@ def matmul(entry: tuple[str, torch.Tensor, torch.Tensor], x: torch.Tensor) -> to
 def linear(block: Any, weight: str, bias: str | None, x: torch.Tensor) -> torch.Tensor:
     """`llmkit_blocks.attention.linear` with the block's packed weight when it has one."""
     entry = block.__dict__.get("_cpu_quant", {}).get(weight)
-    if entry is None:
+    if entry is None or x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
         return _attn.linear(block, weight, bias, x)
     y = matmul(entry, x)
     return y + getattr(block, bias) if bias else y
