@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from llmkit.bench import cpu_model, write_json_atomic
+from llmkit.atomic import write_json_atomic
+from llmkit.bench import cpu_model
 
 CONFIG = {"d_model": 576, "n_heads": 9, "n_kv_heads": 3, "rope": {"theta": 100000.0}}
 CASES = [("cpu.sdpa", {}), ("cpu.flash", {}), ("cpu.flash", {"softcap": 50.0}), ("reference.eager", {})]

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from llmkit.bench import bench, cpu_model, render, write_json_atomic
+from llmkit.atomic import write_json_atomic
+from llmkit.bench import bench, cpu_model, render
 
 SOURCE = "smollm2-135m"
 BASELINES = ("transformers", "llamacpp")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.bench import write_json_atomic
+from llmkit.atomic import write_json_atomic
 
 D, HIDDEN, EXPERTS, TOP_K = 1024, 3584, 8, 2
 

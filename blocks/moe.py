@@ -213,18 +213,25 @@ def route(block: Any, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     acc = torch.promote_types(h.dtype, torch.float32)
     logits = F.linear(h, block.router).to(acc)
     scores = logits.softmax(dim=-1) if c.scoring == "softmax" else logits.sigmoid()
-    choice = scores + block.correction_bias if c.correction_bias else scores
-    if c.n_group is not None:
-        grouped = choice.view(-1, c.n_group, c.n_experts // c.n_group)
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        kept = group_scores.topk(c.topk_group, dim=-1).indices
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, c.n_experts)
-    selected = choice.topk(c.top_k, dim=-1).indices
+    selected = choice_scores(block, scores).topk(c.top_k, dim=-1).indices
     weights = scores.gather(-1, selected)
     if c.renormalize == "sum":
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return logits, scores, selected, weights * c.routed_scaling
+
+
+def choice_scores(block: Any, scores: torch.Tensor) -> torch.Tensor:
+    """The scores top-k picks from: scores (+ correction bias), groups outside the top
+    `topk_group` masked to -inf (DeepSeek-V3's group-limited routing)."""
+    c: MoEConfig = block.config
+    choice = scores + block.correction_bias if c.correction_bias else scores
+    if c.n_group is None:
+        return choice
+    grouped = choice.view(-1, c.n_group, c.n_experts // c.n_group)
+    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    kept = group_scores.topk(c.topk_group, dim=-1).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, c.n_experts)
 
 
 def expert(block: Any, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from .assembly import Block, assemble
 from .backend import Backend, Peak, Timing
 from .errors import (
     BackendUnavailableError,
+    CertificateWarning,
     FallbackWarning,
     LlmkitError,
     LlmkitWarning,
@@ -34,6 +35,7 @@ __all__ = [
     "BackendUnavailableError",
     "Block",
     "BlockKind",
+    "CertificateWarning",
     "Checkpoint",
     "CheckpointError",
     "Cost",

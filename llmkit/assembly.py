@@ -170,12 +170,14 @@ def assemble(
     blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, Block)]
     if not blocks:
         raise LlmkitError(f"{type(model).__name__} contains no llmkit Block to resolve")
+    # fetched once for the whole tree: the blocks share one store
+    store = registry.certificates(selection.certs) if selection.uses_certificates else None
     entries = []
     for path, block in blocks:
         # a block with a dtype of its own (mixed precision) is resolved for that dtype
         block_target = target if block.dtype == target.dtype else dataclasses.replace(target, dtype=block.dtype)
         try:
-            res = registry.resolve(block.kind.id, block.config, block_target, selection)
+            res = registry.resolve(block.kind.id, block.config, block_target, selection, store)
         except ResolutionError as exc:
             raise ResolutionError(f"{path or '<root>'}: {exc}") from None
         entries.append(PlanEntry(path, res, block.dtype))

@@ -92,11 +92,12 @@ def bench(
     backend: str = "cpu",
     dtype: str | None = None,
     quant: str | None = None,
-    policy: str = "auto",
+    policy: str | None = None,
     device: str | None = None,
     impl: Sequence[str] | None = None,
     deny: Sequence[str] | None = None,
     strict: bool = False,
+    certs: Sequence[str | Path] | None = None,
     prompt_len: int = 128,
     gen_len: int = 64,
     baselines: Sequence[str] = ("transformers",),
@@ -128,10 +129,12 @@ def bench(
         progress("llmkit")
     ours = _run_child({**job, "engine": "llmkit", "source": str(source), "backend": backend, "dtype": dtype,
                        "quant": quant, "policy": policy, "device": device, "impl": list(impl or []),
-                       "deny": list(deny or []), "strict": strict, "compile": compile})
+                       "deny": list(deny or []), "strict": strict, "compile": compile,
+                       "certs": None if certs is None else [str(c) for c in certs]})
     if "error" in ours:
         raise LlmkitError(ours["error"])
-    ids, tokens, prompt = ours.pop("ids"), ours.pop("tokens"), ours.pop("prompt")
+    # policy: the one in effect (the caller's, else the checkpoint spec's, else auto)
+    ids, tokens, prompt, policy = ours.pop("ids"), ours.pop("tokens"), ours.pop("prompt"), ours.pop("policy")
     engines: dict[str, dict[str, Any]] = {"llmkit": ours}
     for name in dict.fromkeys(baselines):  # in the order given, once each
         if util.find_spec(MODULE[name]) is None:
@@ -181,21 +184,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write `data` as JSON to `path` through a temporary file in the same directory and a rename,
-    so an interrupted write leaves the old file or the new one, never a torn one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def render(record: dict[str, Any]) -> Group:
@@ -349,7 +337,8 @@ def _measure_llmkit(job: dict[str, Any]) -> dict[str, Any]:
 
     threads = _threads(job)
     model = load(job["source"], backend=job["backend"], dtype=job["dtype"], device=job["device"],
-                 policy=job["policy"], impl=job["impl"], deny=job["deny"], strict=job["strict"], quant=job["quant"])
+                 policy=job["policy"], impl=job["impl"], deny=job["deny"], strict=job["strict"], certs=job["certs"],
+                 quant=job["quant"])
     ids, how = prompt_ids(model.tokenizer, model.spec.vocab_size, job["prompt_len"])
 
     def once(gen_len: int) -> tuple[float, float, float, list[int]]:
@@ -367,7 +356,8 @@ def _measure_llmkit(job: dict[str, Any]) -> dict[str, Any]:
     assert model.plan is not None
     return {"engine": "llmkit", "version": _version("llmkit"), "source": model.source, "threads": threads,
             "dtype": str(model.plan.target.dtype).removeprefix("torch."), "impls": model.plan.counts(),
-            "fallbacks": len(model.plan.fallbacks), **_figures(job, once), "ids": ids, "prompt": how}
+            "fallbacks": len(model.plan.fallbacks), **_figures(job, once), "ids": ids, "prompt": how,
+            "policy": model.plan.selection.policy}
 
 
 def _hf_from_gguf(path: Path, dtype: Any) -> Any:

@@ -21,6 +21,8 @@ from .registry import default_registry
 from .resolve import POLICIES, Selection, describe_target
 from .target import MODES
 
+MODES_RUN = ["infer", "train"]
+
 
 def _kv(text: str, flag: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
@@ -40,10 +42,16 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="device, e.g. cpu, cuda:1; 'meta' plans without hardware")
     g.add_argument("--dtype", default=None, help="float32, bfloat16, float16, float64 (default: the spec's, else float32)")
     g.add_argument("--mode", default="infer", choices=MODES)
-    g.add_argument("--policy", default="auto", choices=POLICIES,
-                   help="auto: best eligible impl, reference fallback; reference: reference impls "
-                        "only; strict: a fallback from the backend is an error")
+    g.add_argument("--policy", default=None, choices=POLICIES,
+                   help="auto (default, or the spec's policy): best eligible impl, reference fallback; "
+                        "reference: reference impls only; strict: a fallback from the backend is an "
+                        "error; certified: only impls with a passing, valid certificate for this "
+                        "environment, else the reference")
     g.add_argument("--strict", action="store_true", help="same as --policy strict")
+    g.add_argument("--certs", action="append", default=None, metavar="PATH",
+                   help="certificate file or directory (repeatable); replaces the default directory "
+                        "$LLMKIT_CERT_DIR, else ${XDG_DATA_HOME:-~/.local/share}/llmkit/certificates. "
+                        "With any policy, certified impls rank first and the plan shows their status")
     g.add_argument("--impl", action="append", default=[], metavar="KIND=IMPL",
                    help="pin a block kind to an impl (cpu.sdpa) or a backend (cpu); repeatable")
     g.add_argument("--deny", action="append", default=[], metavar="KIND=IMPL",
@@ -59,7 +67,7 @@ def target_from_args(args: argparse.Namespace, registry: Any) -> tuple[Any, Sele
     facts = dict(_kv(f, "--fact") for f in args.fact) if args.fact else None
     target = registry.target(args.backend, device=args.device, dtype=args.dtype or "float32", mode=args.mode,
                              facts=facts, quant=args.quant)
-    selection = Selection.make(args.policy, args.impl, args.deny, strict=args.strict)
+    selection = Selection.make(args.policy or "auto", args.impl, args.deny, strict=args.strict, certs=args.certs)
     registry.check_selection(selection)
     return target, selection
 
@@ -84,24 +92,28 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
         raise LlmkitError(_format_validation(kind.id, exc)) from None
     target, selection = target_from_args(args, registry)
     res = registry.resolve(kind, config, target, selection)
+    notes = dict(res.certificates)
     if args.json:
+        extra = {"certificates": notes} if notes else {}
         print(json.dumps({"target": target.to_dict(), "selection": selection.to_dict(),
-                          "config": config.model_dump(), **res.to_dict()}, indent=2))
+                          "config": config.model_dump(), **res.to_dict(), **extra}, indent=2))
         return 0
     table = Table(title=f"{kind.id} on {describe_target(target)}, policy {selection.policy}",
                   title_justify="left")
-    for col in ("impl", "priority", "status", "reasons"):
+    for col in ("impl", "priority", "status", "reasons") + (("certificate",) if notes else ()):
         table.add_column(col)
+    order = "backend, certificate, priority, name" if notes else "backend, priority, name"
     for impl in registry.impls_for(kind.id):
         rejection = next((r for r in res.rejected if r.impl == impl.qualname), None)
         if impl is res.impl:
             status, why = ("fallback" if res.fallback else "chosen"), res.reason
         elif rejection is None:
-            status, why = "eligible", "lower in the order (backend, priority, name)"
+            status, why = "eligible", f"lower in the order ({order})"
         else:
             status, why = "rejected", "; ".join(rejection.reasons)
         style = {"chosen": "green", "fallback": "yellow", "rejected": "dim"}.get(status)
-        table.add_row(impl.qualname, str(impl.priority), status, why, style=style)
+        cert = [notes.get(impl.qualname, "-")] if notes else []
+        table.add_row(impl.qualname, str(impl.priority), status, why, *cert, style=style)
     console.print(f"config: {config.model_dump()}")
     console.print(table)
     return 0
@@ -113,9 +125,8 @@ def cmd_build(args: argparse.Namespace, console: Console) -> int:
     registry = default_registry()
     facts = dict(_kv(f, "--fact") for f in args.fact) if args.fact else None
     model = build(args.spec, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
-                  impl=args.impl, deny=args.deny, strict=args.strict, seed=args.seed, facts=facts, mode=args.mode,
-                  quant=args.quant,
-                  registry=registry)
+                  impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs, seed=args.seed, facts=facts,
+                  mode=args.mode, quant=args.quant, registry=registry)
     assert model.plan is not None
     if args.json:
         print(model.plan.to_json())
@@ -152,7 +163,7 @@ def _load_for_generation(args: argparse.Namespace) -> Any:
     from .loading import load
 
     model = load(args.source, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
-                 impl=args.impl, deny=args.deny, strict=args.strict, quant=args.quant)
+                 impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs, quant=args.quant)
     if model.tokenizer is None:
         raise LlmkitError(f"{args.source}: the checkpoint has no tokenizer, so text cannot be generated")
     return model
@@ -227,7 +238,8 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> int:
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .bench import bench, render, write_json_atomic
+    from .atomic import write_json_atomic
+    from .bench import bench, render
 
     names = [b.strip() for b in args.baseline.split(",") if b.strip()]
     baselines = [] if names == ["none"] else names
@@ -236,7 +248,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("bench", total=None)
         record = bench(args.source, backend=args.backend, dtype=args.dtype, quant=args.quant, policy=args.policy,
-                       device=args.device, impl=args.impl, deny=args.deny, strict=args.strict,
+                       device=args.device, impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs,
                        prompt_len=args.prompt_len, gen_len=args.gen_len, baselines=baselines, threads=args.threads,
                        repeats=args.repeats, compile=args.compile,
                        progress=lambda engine: bar.update(task, description=f"measuring {engine} (own process)"))
@@ -248,6 +260,86 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         console.print(render(record))
     # a baseline that failed (not one that was skipped) leaves the comparison incomplete
     return 1 if any("error" in r for r in record["engines"].values()) else 0
+
+
+def cmd_certify(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import certificate
+    from .certify import certify
+
+    registry = default_registry()
+    out = args.out or certificate.default_out(args.backend, args.device or "default")
+    if args.resume and args.out is None:
+        raise LlmkitError("--resume needs --out FILE: the certificate whose interrupted run to continue")
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=not err.is_terminal) as bar:
+        task = bar.add_task(f"certify {args.backend}", total=None)
+
+        def progress(i: int, n: int, case: Any) -> None:
+            bar.update(task, total=n, completed=i, description=f"{case.kind.id} {case.impl.qualname} {case.dtype}")
+
+        cert = certify(registry, args.backend, device=args.device, out=out, quick=args.quick,
+                       blocks=_split(args.blocks), dtypes=_split(args.dtypes), modes=_split(args.modes) or MODES_RUN,
+                       seed=args.seed, resume=args.resume, perf=not args.no_perf, progress=progress)
+    from .matrix import build_matrix, render_terminal
+
+    console.print(render_terminal(build_matrix([out])))
+    s = cert.summary
+    console.print(f"{args.backend}: {s.passed} passed, {s.failed} failed, {s.unsupported} unsupported (declared), "
+                  f"{s.skipped} skipped of {s.total} cases; certificate written to {out}")
+    for case in cert.cases:
+        if case.status == "fail":
+            console.print(f"[red]FAIL[/] {case.id} ({case.origin}): {'; '.join(case.reasons)}", highlight=False)
+    return 1 if s.failed else 0
+
+
+def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
+    from .atomic import atomic_write
+    from .matrix import build_matrix, render_terminal, to_html, to_markdown
+
+    matrix = build_matrix(args.certs)
+    if args.md:
+        atomic_write(Path(args.md), to_markdown(matrix))
+    if args.html:
+        atomic_write(Path(args.html), to_html(matrix))
+    if args.json:
+        print(json.dumps(matrix.to_dict(), indent=2))
+    else:
+        console.print(render_terminal(matrix))
+    # the outputs are written, but a skipped (possibly tampered) certificate must not pass unnoticed
+    return 1 if matrix.skipped else 0
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def cmd_verify_cert(args: argparse.Namespace, console: Console) -> int:
+    from . import certificate
+
+    registry = default_registry()
+    worst = 0
+    for path in args.files:
+        try:
+            cert = certificate.load(path)
+        except certificate.CertificateError as exc:
+            console.print(f"[red]invalid[/] {exc}", highlight=False)
+            worst = 2
+            continue
+        stale = certificate.stale_reasons(cert, registry)
+        s = cert.summary
+        head = (f"{path}: intact ({cert.content_hash[:19]}...), backend {cert.backend} on {cert.device}, "
+                f"{s.passed}/{s.run} passed, {s.unsupported} unsupported, created {cert.created_at}")
+        if stale:
+            console.print(f"[yellow]stale[/] {head}", highlight=False)
+            for reason in stale:
+                console.print(f"  - {reason}", highlight=False)
+            worst = max(worst, 1)
+        else:
+            console.print(f"[green]valid[/] {head}; matches this environment", highlight=False)
+    return worst
 
 
 def cmd_presets(args: argparse.Namespace, console: Console) -> int:
@@ -338,6 +430,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the record as JSON (atomically)")
     add_target_options(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("certify", help="check every impl of a backend against the float64 reference "
+                       "(precision rule, claims) and time it; writes a certificate")
+    p.add_argument("--backend", required=True, help="backend to certify ('reference' certifies the reference impls)")
+    p.add_argument("--device", default=None, help="device (default: the backend's default device)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few presets, the first edge configs, 2 hypothesis configs per kind, float32 and "
+                        "bfloat16 only, short timings (minutes on a CPU)")
+    p.add_argument("--blocks", default=None, metavar="K,...", help="only these block kinds (e.g. attention,moe)")
+    p.add_argument("--dtypes", default=None, metavar="D,...",
+                   help="dtypes to run (default: float32,bfloat16,float16,float64; --quick: float32,bfloat16)")
+    p.add_argument("--modes", default=None, metavar="M,...", help="modes to run (default: infer,train)")
+    p.add_argument("--seed", type=int, default=0, help="seed of inputs, weights and hypothesis configs (recorded)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help="certificate file (default: a new file in the certificate directory, "
+                        "$LLMKIT_CERT_DIR or ~/.local/share/llmkit/certificates)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run of --out FILE")
+    p.add_argument("--no-perf", action="store_true", help="precision and claims only, no timing")
+    p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("verify-cert", help="check certificates: integrity, schema, and whether still valid here")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.set_defaults(func=cmd_verify_cert)
+
+    p = sub.add_parser("matrix", help="merge certificates into one block x backend matrix (terminal, Markdown, HTML)")
+    p.add_argument("certs", nargs="+", metavar="CERT", help="certificate files, or directories of *.json")
+    p.add_argument("--md", metavar="FILE", help="also write the matrix as a Markdown table")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report (heat-map, charts)")
+    p.add_argument("--json", action="store_true", help="print the matrix as JSON instead of a table")
+    p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("presets", help="list the shipped model presets")
     p.set_defaults(func=cmd_presets)

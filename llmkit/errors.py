@@ -52,3 +52,7 @@ class FallbackWarning(LlmkitWarning):
 
 class PluginWarning(LlmkitWarning):
     """A plugin failed to load or had part of its contribution skipped."""
+
+
+class CertificateWarning(LlmkitWarning):
+    """Certificate files that could not be used (unreadable, malformed, tampered with) were ignored."""

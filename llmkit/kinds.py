@@ -61,6 +61,60 @@ class Cost:
     kv_values: float = 0.0
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The inputs of one certification case: `batch` rows of `tokens` new tokens after `context`
+    cached ones (decode and chunked prefill when context > 0), positions from `start`; `variant`
+    names a weight pattern the kind's cases know (e.g. "skewed" or "ties" routing)."""
+
+    batch: int = 2
+    tokens: int = 8
+    context: int = 0
+    start: int = 0
+    variant: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"batch": self.batch, "tokens": self.tokens, "context": self.context}
+        if self.start:
+            out["start"] = self.start
+        return out
+
+    @property
+    def label(self) -> str:
+        text = f"b{self.batch}t{self.tokens}" + (f"c{self.context}" if self.context else "")
+        text += f"@{self.start}" if self.start else ""
+        return text + (f"~{self.variant}" if self.variant else "")
+
+
+@dataclass
+class Sample:
+    """What one case feeds a block: float tensors are float64 draws (the engine rounds them to the
+    storage dtype); with `cache` a fresh cache is passed as the last argument of every call."""
+
+    calls: list[tuple[Any, ...]]
+    cache: bool = False
+    setup: Callable[[Any], None] | None = None
+    """Adjusts the float64 master weights before they are copied to each dtype (e.g. tied router rows)."""
+    choices: Callable[[Any, tuple[Any, ...]], tuple[Any, Any]] | None = None
+    """`choices(block, args)` after a call: (selected [N, k] ids, the scores they were chosen
+    from [N, E]) for kinds with discrete decisions (MoE top-k)."""
+
+
+@dataclass(frozen=True)
+class KindCases:
+    """How certification exercises a kind (PyTorch OpInfo's sample inputs, for blocks).
+
+    `sample` draws the inputs of a case; `edges` lists edge configs with their shapes, labelled;
+    `strategy` draws a config from hypothesis' `data` for the open, seeded suite; `shapes` gives
+    the shapes a config from a preset is run with (prefill and decode).
+    """
+
+    sample: Callable[[Any, Shape, Any], Sample]
+    edges: Callable[[], list[tuple[str, dict[str, Any], list[Shape]]]]
+    strategy: Callable[[Any], dict[str, Any]] | None = None
+    shapes: Callable[[Any, bool], list[Shape]] | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class BlockKind:
     """A versioned block contract; `reference(block, *inputs)` defines its semantics."""
@@ -77,6 +131,8 @@ class BlockKind:
     cost: Callable[[Any, int], Cost] | None = None
     """`cost(config, context)`: closed-form parameter, FLOP and cache figures (see `Cost`)."""
     summary: str = ""
+    cases: KindCases | None = None
+    """Inputs and configs for certification (`llmkit certify`); a kind without them is skipped."""
 
     def __post_init__(self) -> None:
         if not KIND_NAME.match(self.name):

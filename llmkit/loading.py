@@ -176,16 +176,17 @@ def load(
     backend: str = "cpu",
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
-    policy: str = "auto",
+    policy: str | None = None,
     impl: Any = None,
     deny: Any = None,
     strict: bool = False,
+    certs: Iterable[str | Path] | str | Path | None = None,
     quant: str | None = None,
     registry: Any = None,
 ) -> Any:
     """Load a checkpoint into a `Model` (with `.tokenizer` when the source has one) and bind impls.
 
-    `quant` ("int8", "int4") asks the impls for weight-only quantisation (see `llmkit.build`)."""
+    `policy`, `certs` and `quant` ("int8", "int4": weight-only quantisation) as for `llmkit.build`."""
     from .assembly import assemble
     from .model import Model, _merge_selection, check_quant
     from .registry import default_registry
@@ -203,6 +204,6 @@ def load(
                      problems=ckpt.problems)
     model.tokenizer = ckpt.tokenizer
     model.source = ckpt.source
-    model.plan = assemble(model, target, _merge_selection(spec, policy, impl, deny, strict), registry)
+    model.plan = assemble(model, target, _merge_selection(spec, policy, impl, deny, strict, certs), registry)
     check_quant(model, quant)
     return model.eval()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,12 +115,17 @@ def check_quant(model: Model, quant: str | None) -> None:
             "quantise: " + "; ".join(f"{k} x{len(v)}, e.g. {v[0]}" for k, v in sorted(left.items()))), stacklevel=3)
 
 
-def _merge_selection(spec: Spec, policy: str, impl: Any, deny: Any, strict: bool) -> Selection:
-    """The spec's pins and denials, with the caller's pins winning per kind and denials added."""
+def _merge_selection(spec: Spec, policy: str | None, impl: Any, deny: Any, strict: bool, certs: Any) -> Selection:
+    """The spec's selection under the caller's: the caller's policy (else the spec's, else auto;
+    `strict` counts as asking for one), pins winning per kind, denials added, certificate paths
+    replacing the spec's."""
     from_spec = Selection.make(impl=spec.impl, deny=spec.deny)
-    from_call = Selection.make(policy, impl, deny, strict=strict)
+    if policy is None and not strict:
+        policy = spec.policy
+    from_call = Selection.make(policy or "auto", impl, deny, strict=strict, certs=certs)
     pins = dict(from_spec.pins) | dict(from_call.pins)
-    return Selection(from_call.policy, tuple(sorted(pins.items())), tuple(sorted(set(from_spec.deny + from_call.deny))))
+    return Selection(from_call.policy, tuple(sorted(pins.items())), tuple(sorted(set(from_spec.deny + from_call.deny))),
+                     from_call.certs if from_call.certs is not None else spec.certs)
 
 
 def build(
@@ -128,11 +134,12 @@ def build(
     backend: str = "cpu",
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
-    policy: str = "auto",
+    policy: str | None = None,
     mode: str = "infer",
     impl: Mapping[str, str] | Iterable[str] | None = None,
     deny: Mapping[str, Any] | Iterable[str] | None = None,
     strict: bool = False,
+    certs: Iterable[str | Path] | str | Path | None = None,
     seed: int = 0,
     facts: Mapping[str, Any] | None = None,
     quant: str | None = None,
@@ -141,15 +148,18 @@ def build(
     """Build a randomly initialised (seeded) model from a spec, a preset name or a YAML path.
 
     `device="meta"` builds without allocating (for inspection and planning). The dispatch plan is
-    `model.plan`. dtype defaults to the spec's, else float32. `quant` ("int8", "int4") asks the
-    impls for weight-only quantisation; blocks whose impl does not quantise are named in a warning.
+    `model.plan`. dtype defaults to the spec's, else float32; policy to the spec's, else "auto".
+    `policy="certified"` runs only impls with a passing, valid certificate for this environment,
+    read from `certs` (files or directories; default: the spec's, else `certificate.cert_dir()`).
+    `quant` ("int8", "int4") asks the impls for weight-only quantisation; blocks whose impl does
+    not quantise are named in a warning.
     """
     registry = registry or default_registry()
     if not isinstance(spec, Spec):
         spec = load_spec(spec, registry)
     dt = parse_dtype(dtype or spec.dtype or torch.float32)
     target = registry.target(backend, device=device, dtype=dt, mode=mode, facts=facts, quant=quant)
-    selection = _merge_selection(spec, policy, impl, deny, strict)
+    selection = _merge_selection(spec, policy, impl, deny, strict, certs)
     generator = None if target.device == "meta" else torch.Generator(device=target.device).manual_seed(seed)
     model = Model(spec, registry, device=target.device, dtype=dt, generator=generator)
     model.plan = assemble(model, target, selection, registry)

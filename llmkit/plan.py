@@ -11,9 +11,10 @@ from typing import Any
 from rich.console import Console, Group
 from rich.table import Table
 
-from .resolve import Resolution, Selection
 import torch
 
+from .certificate import cert_dir
+from .resolve import Resolution, Selection
 from .target import Target, dtype_name
 
 _LAYER = re.compile(r"^(?:.*?\.)?(?P<index>\d+)(?:\.(?P<slot>.+))?$")
@@ -87,12 +88,15 @@ class Plan:
 
     def render(self) -> Group:
         t = self.target
+        certs = self.selection.uses_certificates
+        paths = self.selection.certs
+        sources = str(cert_dir()) if paths is None else ", ".join(paths) or "(none)"
         chosen = Table(
             title=f"Dispatch plan: backend {t.backend}, device {t.device}, {t.to_dict()['dtype']}, "
-            f"mode {t.mode}, policy {self.selection.policy}",
+            f"mode {t.mode}, policy {self.selection.policy}" + (f", certificates from {sources}" if certs else ""),
             title_justify="left",
         )
-        for col in ("layers", "block", "kind", "impl", "reason"):
+        for col in ("layers", "block", "kind", "impl", "reason") + (("certificate",) if certs else ()):
             chosen.add_column(col)
         rejected = Table(title="Rejected candidates", title_justify="left")
         for col in ("layers", "block", "candidate", "reasons"):
@@ -100,7 +104,8 @@ class Plan:
         for where, slot, res, dt in self._groups():
             style = "yellow" if res.fallback else None
             mixed = f" [{dtype_name(dt)}]" if dt is not None and dt != self.target.dtype else ""
-            chosen.add_row(where, slot + mixed, res.kind, res.impl.qualname, res.reason, style=style)
+            cells = [where, slot + mixed, res.kind, res.impl.qualname, res.reason]
+            chosen.add_row(*cells, *([res.certificate or "-"] if certs else []), style=style)
             for r in res.rejected:
                 rejected.add_row(where, slot, r.impl, "; ".join(r.reasons))
         parts: list[Any] = [chosen]

@@ -8,10 +8,12 @@ keeps it; otherwise the plugin first in name order does.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +21,8 @@ from pydantic import BaseModel
 
 from . import plugins as _plugins
 from .backend import Backend
-from .errors import BackendUnavailableError, LlmkitError, PluginWarning, UnknownNameError
+from .certificate import CertificateStore, find
+from .errors import BackendUnavailableError, CertificateWarning, LlmkitError, PluginWarning, UnknownNameError
 from .impls import ANY, REFERENCE, Impl
 from .kinds import BlockKind
 from .resolve import Resolution, Selection, matches, resolve
@@ -148,6 +151,7 @@ class Registry:
             by_kind[impl.kind].append(impl)
         self._impls_by_kind = {k: tuple(sorted(v, key=lambda i: i.qualname)) for k, v in by_kind.items()}
         self._cache: dict[tuple[Any, ...], Resolution] = {}
+        self._stores: dict[tuple[tuple[str, int, int, int], ...], CertificateStore] = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -330,22 +334,58 @@ class Registry:
                         where=f"in {flag} {kind_name}={value}",
                     )
 
+    def certificates(self, paths: Iterable[str | Path] | None = None) -> CertificateStore:
+        """The certificates in `paths` (files or directories; default: `certificate.cert_dir()`),
+        each checked once against this registry's environment.
+
+        A store is kept per set of files (path, size, modification time, inode), so builds share
+        it and a file written, changed or removed since is seen on the next call. Files that
+        cannot be used are ignored, named in one `CertificateWarning` when first read.
+        """
+        files = find(paths)
+        key = tuple((str(f.resolve()), *_stat(f)) for f in files)
+        store = self._stores.get(key)
+        if store is None:
+            store = self._stores[key] = CertificateStore(self, files)
+            if store.problems:
+                warnings.warn(CertificateWarning(
+                    f"ignored {len(store.problems)} certificate file(s) that cannot be used: "
+                    + "; ".join(store.problems)), stacklevel=2)
+        return store
+
     def resolve(
         self,
         kind: str | BlockKind,
         config: BaseModel | Mapping[str, Any],
         target: Target,
         selection: Selection | None = None,
+        certificates: CertificateStore | None = None,
     ) -> Resolution:
-        """Resolve one block config; cached per (kind, config, target, selection)."""
+        """Resolve one block config; cached per (kind, config, target, selection, certificates).
+
+        When the selection consults certificates and no store is given, it is
+        `self.certificates(selection.certs)`; callers resolving many blocks pass it once fetched.
+        """
         kind = kind if isinstance(kind, BlockKind) else self.kind(kind)
         config = kind.parse_config(config)
         selection = selection or Selection()
-        key = (kind.id, type(config).__qualname__, config.model_dump_json(), target, selection)
+        if certificates is None and selection.uses_certificates:
+            certificates = self.certificates(selection.certs)
+        # the store itself is in the key, compared by identity: a store is never changed, only replaced
+        key = (kind.id, type(config).__qualname__, config.model_dump_json(), target, selection, certificates)
         hit = self._cache.get(key)
         if hit is None:
-            hit = self._cache[key] = resolve(self, kind, config, target, selection)
+            hit = self._cache[key] = resolve(self, kind, config, target, selection, certificates)
         return hit
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    """(size, mtime in ns, inode) of a file; -1s when it vanished (the store reports it unreadable)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1, -1)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 _default: Registry | None = None

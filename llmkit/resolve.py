@@ -1,15 +1,17 @@
 """Choosing one impl per block config and target, once, with every rejection explained.
 
 Order among eligible impls is deterministic and independent of plugin load order:
-explicit pin, then the target backend's own impls before the reference fallback, then priority
-(higher first), then qualified name. Certificate status joins this order with the certification
-work (it will rank between the backend preference and priority).
+explicit pin, then the target backend's own impls before the reference fallback, then certified
+before uncertified (when certificates are consulted), then priority (higher first), then qualified
+name. Certificates are consulted under policy `certified`, which also rejects every non-reference
+impl without a passing, valid certificate, and whenever the selection names certificate paths.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -20,9 +22,10 @@ from .kinds import BlockKind
 from .target import Target, dtype_name
 
 if TYPE_CHECKING:
+    from .certificate import CertificateStore
     from .registry import Registry
 
-POLICIES = ("auto", "reference", "strict")
+POLICIES = ("auto", "reference", "strict", "certified")
 
 
 def _parse_assignments(flag: str, items: Mapping[str, str | Iterable[str]] | Iterable[str] | None) -> tuple[tuple[str, str], ...]:
@@ -47,15 +50,21 @@ def _parse_assignments(flag: str, items: Mapping[str, str | Iterable[str]] | Ite
 
 @dataclass(frozen=True)
 class Selection:
-    """The user's say in resolution: policy, pins (`kind -> impl or backend`) and denials."""
+    """The user's say in resolution: policy, pins (`kind -> impl or backend`), denials, and where
+    certificates come from (files or directories; None: the default directory)."""
 
     policy: str = "auto"
     pins: tuple[tuple[str, str], ...] = ()
     deny: tuple[tuple[str, str], ...] = ()
+    certs: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise UnknownNameError("policy", self.policy, POLICIES)
+        if self.certs is not None:
+            # one path given bare would otherwise be split into characters
+            paths = [self.certs] if isinstance(self.certs, (str, Path)) else self.certs
+            object.__setattr__(self, "certs", tuple(str(p) for p in paths))
         kinds = [k for k, _ in self.pins]
         dupes = sorted({k for k in kinds if kinds.count(k) > 1})
         if dupes:
@@ -68,16 +77,23 @@ class Selection:
         impl: Mapping[str, str] | Iterable[str] | None = None,
         deny: Mapping[str, str | Iterable[str]] | Iterable[str] | None = None,
         strict: bool = False,
+        certs: Iterable[str | Path] | str | Path | None = None,
     ) -> Selection:
         """Build from CLI-style (`["attention=cpu.sdpa"]`) or Python-style (`{"attention": ...}`) input.
 
-        `strict=True` turns the `auto` policy into `strict` (any fallback is an error).
+        `strict=True` turns the `auto` policy into `strict` (any fallback is an error). `certs`
+        (certificate files or directories) replaces the default certificate directory.
         """
         if strict and policy == "auto":
             policy = "strict"
         elif strict and policy != "strict":
             raise LlmkitError(f"--strict cannot be combined with policy {policy!r}")
-        return cls(policy, _parse_assignments("--impl", impl), _parse_assignments("--deny", deny))
+        return cls(policy, _parse_assignments("--impl", impl), _parse_assignments("--deny", deny), certs)
+
+    @property
+    def uses_certificates(self) -> bool:
+        """Whether resolution consults certificates: under policy `certified`, or when paths are given."""
+        return self.policy == "certified" or self.certs is not None
 
     def pin_for(self, kind: BlockKind) -> str | None:
         for key, value in self.pins:
@@ -93,6 +109,7 @@ class Selection:
             "policy": self.policy,
             "pins": [f"{k}={v}" for k, v in self.pins],
             "deny": [f"{k}={v}" for k, v in self.deny],
+            "certs": None if self.certs is None else list(self.certs),
         }
 
 
@@ -118,9 +135,17 @@ class Resolution:
     fallback: bool
     eligible: tuple[str, ...]
     rejected: tuple[Rejection, ...]
+    certificates: tuple[tuple[str, str], ...] = ()
+    """(impl, certificate status) for the target backend's impls and the reference, when
+    certificates were consulted; empty otherwise."""
+
+    @property
+    def certificate(self) -> str | None:
+        """The chosen impl's certificate status (None when certificates were not consulted)."""
+        return dict(self.certificates).get(self.impl.qualname)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "kind": self.kind,
             "impl": self.impl.qualname,
             "reason": self.reason,
@@ -128,6 +153,9 @@ class Resolution:
             "eligible": list(self.eligible),
             "rejected": [{"impl": r.impl, "reasons": list(r.reasons)} for r in self.rejected],
         }
+        if self.certificates:
+            out["certificate"] = self.certificate
+        return out
 
 
 def describe_target(target: Target) -> str:
@@ -139,12 +167,29 @@ def _format_rejections(rejections: Iterable[Rejection]) -> str:
 
 
 def resolve(
-    registry: Registry, kind: BlockKind, config: BaseModel, target: Target, selection: Selection
+    registry: Registry,
+    kind: BlockKind,
+    config: BaseModel,
+    target: Target,
+    selection: Selection,
+    certificates: CertificateStore | None = None,
 ) -> Resolution:
-    """Pick the impl that runs `config` on `target`; raise `ResolutionError` when none may."""
+    """Pick the impl that runs `config` on `target`; raise `ResolutionError` when none may.
+
+    With `certificates`, certified impls rank first within their backend, and policy `certified`
+    (which needs them) rejects every other non-reference impl with the store's note as the reason.
+    """
+    if selection.policy == "certified" and certificates is None:
+        raise LlmkitError("policy 'certified' needs a certificate store (Registry.certificates)")
     required = kind.required_features(config)
     pin = selection.pin_for(kind)
     denied = selection.denied_for(kind)
+    status: dict[str, tuple[bool, str]] = {}
+    if certificates is not None:
+        dt = dtype_name(target.dtype)
+        for impl in registry.impls_for(kind.id):
+            if impl.backend in (target.backend, REFERENCE):
+                status[impl.qualname] = certificates.status(impl, target.backend, target.device_type, dt, target.mode)
 
     eligible: list[Impl] = []
     rejected: list[Rejection] = []
@@ -159,6 +204,8 @@ def resolve(
             reasons.append("policy 'reference' runs reference impls only")
         if impl.backend not in (target.backend, REFERENCE):
             reasons.append(f"belongs to backend {impl.backend!r}, target is {target.backend!r}")
+        elif selection.policy == "certified" and not status[impl.qualname][0]:
+            reasons.append(status[impl.qualname][1])
         reasons.extend(impl.reasons(config, required, target))
         if reasons:
             rejected.append(Rejection(impl.qualname, tuple(reasons)))
@@ -181,7 +228,10 @@ def resolve(
             + _format_rejections(rejected)
         )
 
-    eligible.sort(key=lambda i: (i.backend != target.backend, -i.priority, i.qualname))
+    def certified(impl: Impl) -> bool:
+        return status.get(impl.qualname, (True, ""))[0]  # without a store every impl ranks alike
+
+    eligible.sort(key=lambda i: (i.backend != target.backend, not certified(i), -i.priority, i.qualname))
     chosen = eligible[0]
     own_backend = [i for i in registry.impls_for(kind.id) if i.backend == target.backend]
     fallback = (
@@ -193,15 +243,20 @@ def resolve(
     elif selection.policy == "reference":
         reason = "policy 'reference'"
     elif fallback:
+        which = "certified impl" if selection.policy == "certified" else "impl"
         reason = (
             f"fallback: backend {target.backend!r} has no impl of {kind.id}"
             if not own_backend
-            else f"fallback: no impl of backend {target.backend!r} can run this config"
+            else f"fallback: no {which} of backend {target.backend!r} can run this config"
         )
     else:
-        peers = [i.qualname for i in eligible[1:] if i.backend == chosen.backend]
-        reason = f"priority {chosen.priority}" + (
-            f", ahead of {', '.join(peers)}" if peers else f", only eligible impl of {chosen.backend!r}"
+        peers = [i for i in eligible[1:] if i.backend == chosen.backend]
+        # certification is named only where it decided the order: over peers ranked ahead without it
+        jumped = {i.qualname for i in peers if not certified(i) and certified(chosen)
+                  and (-i.priority, i.qualname) < (-chosen.priority, chosen.qualname)}
+        names = [i.qualname + (" (uncertified)" if i.qualname in jumped else "") for i in peers]
+        reason = ("certified, " if jumped else "") + f"priority {chosen.priority}" + (
+            f", ahead of {', '.join(names)}" if peers else f", only eligible impl of {chosen.backend!r}"
         )
 
     if fallback and selection.policy == "strict":
@@ -224,4 +279,5 @@ def resolve(
         fallback=fallback,
         eligible=tuple(i.qualname for i in eligible),
         rejected=tuple(rejected),
+        certificates=tuple((name, note) for name, (_, note) in sorted(status.items())),
     )

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
-from .errors import LlmkitError
+from .errors import LlmkitError, UnknownNameError
 
 Path_ = tuple[Any, ...]  # a dotted path as a tuple of keys and list indices
 Origin = tuple[str | None, int | None]  # (file, line)
@@ -161,6 +161,8 @@ class _Top(BaseModel):
     overrides: list[_Override] = Field(default_factory=list)
     impl: dict[str, str] = Field(default_factory=dict)
     deny: dict[str, str | list[str]] = Field(default_factory=dict)
+    policy: str | None = None
+    certs: list[str] | None = None
 
 
 # ----------------------------------------------------------------------------- the result
@@ -183,6 +185,11 @@ class Spec:
     head: BaseModel
     impl: Mapping[str, str]
     deny: Mapping[str, str | list[str]]
+    policy: str | None = None
+    """The resolution policy `llmkit.build` uses unless the caller names one."""
+    certs: tuple[str, ...] | None = None
+    """Certificate files or directories to consult instead of the default directory (relative ones
+    already resolved against the spec file that names them)."""
     source: str | None = None
     file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -210,8 +217,6 @@ def _read_source(ref: str, relative_to: str | None) -> _Source:
         return _parse_yaml(text, str(path))
     names = preset_names()
     if ref not in names:
-        from .errors import UnknownNameError
-
         raise UnknownNameError("preset", ref, names, note="a spec file must end in .yaml or .yml")
     text = resources.files(PRESET_PACKAGE).joinpath(f"{ref}.yaml").read_text(encoding="utf-8")
     return _parse_yaml(text, f"<preset {ref}>")
@@ -436,6 +441,17 @@ def _check_sizes(kind: Any, config: BaseModel, where: Path_, issues: list[SpecIs
                for child, (child_kind, child_config) in kind.child_specs(config).items())
 
 
+def _cert_path(src: _Source, index: int, ref: str, issues: list[SpecIssue]) -> str:
+    """Entry `index` of `certs:`, relative to the file that wrote it; a missing path is an issue."""
+    f, line = src.origin(("certs", index))
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and f and Path(f).is_file():
+        path = Path(f).parent / path
+    if not path.exists():
+        issues.append(SpecIssue(f, line, f"certs.{index}", f"no such certificate file or directory: {str(path)!r}"))
+    return str(path)
+
+
 def load_spec(source: str | Path | Mapping[str, Any], registry: Any = None) -> Spec:
     """Load a spec from a preset name, a YAML path, or a dict; raise `SpecError` on any problem.
 
@@ -443,7 +459,7 @@ def load_spec(source: str | Path | Mapping[str, Any], registry: Any = None) -> S
     plugins), so a plugin-provided variant of a kind is checked by its own config model.
     """
     from .registry import default_registry
-    from .resolve import Selection
+    from .resolve import POLICIES, Selection
     from .target import parse_dtype
 
     registry = registry or default_registry()
@@ -553,11 +569,16 @@ def load_spec(source: str | Path | Mapping[str, Any], registry: Any = None) -> S
                 f, line = src.origin((field_name, kind_name))
                 issues.append(SpecIssue(f, line, f"{field_name}.{kind_name}", str(exc)))
 
+    if top.policy is not None and top.policy not in POLICIES:
+        f, line = src.origin(("policy",))
+        issues.append(SpecIssue(f, line, "policy", str(UnknownNameError("policy", top.policy, POLICIES))))
+    certs = None if top.certs is None else tuple(_cert_path(src, i, ref, issues) for i, ref in enumerate(top.certs))
+
     if issues:
         raise SpecError(issues)
     return Spec(
         name=top.name, vocab_size=top.vocab_size, d_model=top.d_model, n_layers=top.n_layers,
         max_seq_len=top.max_seq_len, dtype=top.dtype, dtypes=dict(top.dtypes), embedding=embedding, layers=tuple(layers),
-        final_norm=final_norm, head=head, impl=dict(top.impl), deny=dict(top.deny),
-        source=top.source, file=src.file, raw=src.data,
+        final_norm=final_norm, head=head, impl=dict(top.impl), deny=dict(top.deny), policy=top.policy,
+        certs=certs, source=top.source, file=src.file, raw=src.data,
     )
