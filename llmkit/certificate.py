@@ -101,6 +101,33 @@ class Case(_Strict):
     perf: Perf | None = None
 
 
+class ModelCase(_Strict):
+    """Composition: a tiny model of one family built from the backend's impls (falling back where
+    it has none) against the float64 reference model on the same weights: a prompt, then decode
+    steps through the cache. Pass iff its logits meet the precision rule against the reference
+    model in the same dtype (the naive baseline)."""
+
+    preset: str
+    dtype: str
+    status: Literal["pass", "fail", "skipped"]
+    reasons: list[str] = Field(default_factory=list)
+    impls: dict[str, int] = Field(default_factory=dict)
+    """impl -> number of blocks it runs in the model."""
+    fallbacks: int = 0
+    logits: Precision | None = None
+    """The rule on the logits of positions whose MoE routing agrees with the float64 model's;
+    `discrete_mismatches` / `near_ties` count the positions whose routing diverged in the model
+    under test / in the naive one (allowed: at most 2 * naive + 1)."""
+    kl: float | None = None
+    """Mean KL(p_float64 || p_impl) per position."""
+    kl_naive: float | None = None
+    top1: float | None = None
+    """Fraction of positions whose argmax equals the float64 model's."""
+    top1_naive: float | None = None
+    top5: float | None = None
+    """Mean overlap of the top-5 sets with the float64 model's."""
+
+
 class Summary(_Strict):
     passed: int
     failed: int
@@ -141,6 +168,7 @@ class Certificate(_Strict):
     suite: Suite
     impls: dict[str, ImplInfo]
     cases: list[Case]
+    models: list[ModelCase] = Field(default_factory=list)
     summary: Summary
     content_hash: str
 

@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from . import certificate as certs
 from .assembly import Block
 from .cache import LayerCache
-from .certificate import Case, Certificate, CertificateError, Perf, Precision
+from .certificate import Case, Certificate, CertificateError, ModelCase, Perf, Precision
 from .errors import LlmkitError
 from .impls import MODES, REFERENCE, Impl
 from .kinds import BlockKind, Sample, Shape
@@ -492,6 +492,95 @@ def _work(case: Planned, call: tuple[Any, ...], dtype: torch.dtype, block: Block
     return float(flops), float(param_bytes + 2 * io + kv * item)
 
 
+# --- composition: tiny models built from the backend's impls --------------------------------------
+
+def model_case(registry: Registry, backend: str, device: str, preset: str, dtype: str, seed: int = 0) -> ModelCase:
+    """Build `preset` three times on the same float64-drawn weights (float64 reference, reference in
+    `dtype`, the backend's impls in `dtype`), run a 12-token prompt then 4 decode steps through the
+    cache, and compare the logits (precision rule, KL divergence, top-1/top-5 agreement)."""
+    import warnings
+
+    from .errors import FallbackWarning
+    from .model import build
+    from .testing import randomize
+
+    exact = randomize(build(preset, dtype=torch.float64, policy="reference", registry=registry), seed=seed)
+    models = {"exact": exact}
+    try:
+        models["naive"] = build(preset, dtype=dtype, device=device, policy="reference", registry=registry)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FallbackWarning)  # fallbacks are counted from the plan
+            models["under"] = build(preset, backend=backend, dtype=dtype, device=device, policy="auto",
+                                    registry=registry)
+    except LlmkitError as exc:
+        return ModelCase(preset=preset, dtype=dtype, status="skipped", reasons=[str(exc)])
+    for name in ("naive", "under"):
+        m = models[name]
+        m.load_state_dict(exact.state_dict())
+        for block in m.modules():  # prepare hooks see the loaded weights, as after llmkit.load
+            if isinstance(block, Block) and block.impl is not None:
+                block.bind(block.impl, m.plan.target)
+    vocab = exact.spec.vocab_size
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
+    logits, routes = {}, {}
+    try:
+        for name, m in models.items():
+            m.eval()
+            cache = m.new_cache()
+            dev = "cpu" if name == "exact" else device
+            steps, chosen = [], []
+            with torch.no_grad():
+                for ids_t in [ids[:, :12], *(ids[:, t:t + 1] for t in range(12, 16))]:
+                    steps.append(m(ids_t.to(dev), cache=cache))
+                    chosen.append(_routes(m, *ids_t.shape))
+            logits[name] = torch.cat(steps, dim=1).double().cpu()
+            routes[name] = torch.cat(chosen, dim=1)
+    except Exception as exc:
+        return ModelCase(preset=preset, dtype=dtype, status="fail", reasons=[f"raised {type(exc).__name__}: {exc}"])
+    # a routing flip at a near-tie (any MoE layer) legitimately changes a position's logits a lot
+    # in low precision: such positions are left out of the rule and counted; a wrong router
+    # diverges at many more positions than the naive model does, which fails
+    diverged = {n: (routes[n] != routes["exact"]).flatten(2).any(-1) for n in ("naive", "under")}
+    plan = models["under"].plan
+    impls: dict[str, int] = {}
+    for e in plan.entries:
+        impls[e.resolution.impl.qualname] = impls.get(e.resolution.impl.qualname, 0) + 1
+    keep = ~(diverged["naive"] | diverged["under"])[..., None].expand_as(logits["exact"])
+    prec = _precision(logits["under"], logits["naive"], logits["exact"], parse_dtype(dtype), K_FORWARD, keep)
+    n_under, n_naive = int(diverged["under"].sum()), int(diverged["naive"].sum())
+    prec = prec.model_copy(update={"discrete_mismatches": n_under, "near_ties": n_naive})
+    ref = logits["exact"].log_softmax(-1)
+
+    def kl(x: torch.Tensor) -> float:
+        return float((ref.exp() * (ref - x.log_softmax(-1))).sum(-1).mean())
+
+    top = logits["exact"].argmax(-1)
+    top5 = logits["exact"].topk(5, dim=-1).indices
+    overlap = (logits["under"].topk(5, dim=-1).indices[..., :, None] == top5[..., None, :]).any(-1)
+    reasons = []
+    if prec.nonfinite:
+        reasons.append(f"logits: {prec.nonfinite} NaN/Inf value(s) where the float64 model's are finite")
+    if n_under > 2 * n_naive + 1:
+        reasons.append(f"MoE routing differs from the float64 model at {n_under} positions "
+                       f"(the reference in {dtype}: {n_naive})")
+    if prec.e_max > prec.threshold:
+        reasons.append(f"logits: e_max {prec.e_max:.3g} > {prec.k:g} * e_naive {prec.e_naive:.3g} + floor {prec.floor:.3g}")
+    return ModelCase(
+        preset=preset, dtype=dtype, status="fail" if reasons else "pass", reasons=reasons, impls=impls,
+        fallbacks=len(plan.fallbacks), logits=prec, kl=kl(logits["under"]), kl_naive=kl(logits["naive"]),
+        top1=float((logits["under"].argmax(-1) == top).double().mean()),
+        top1_naive=float((logits["naive"].argmax(-1) == top).double().mean()),
+        top5=float(overlap.double().mean()),
+    )
+
+
+def _routes(model: torch.nn.Module, batch: int, tokens: int) -> torch.Tensor:
+    """[B, T, n_moe_layers, k]: the sorted experts each MoE block chose for each position."""
+    picks = [m.routing.selected.reshape(batch, tokens, -1).sort(-1).values
+             for m in model.modules() if isinstance(m, Block) and getattr(m, "routing", None) is not None]
+    return torch.stack(picks, dim=2) if picks else torch.zeros(batch, tokens, 0, 0, dtype=torch.long)
+
+
 # --- the whole run -------------------------------------------------------------------------------
 
 def backend_impls(registry: Registry, backend: str, blocks: Iterable[str] | None) -> list[Impl]:
@@ -543,7 +632,9 @@ def certify(
 ) -> Certificate:
     """Run the suite for `backend` and write the certificate to `out` (atomically).
 
-    Finished cases are journaled to `<out>.journal` as they complete; with `resume=True` a journal
+    Unless `blocks` narrows the run, composition is checked too: each closed-suite preset built
+    from the backend's impls against the float64 reference model (`model_case`). Finished cases
+    are journaled to `<out>.journal` as they complete; with `resume=True` a journal
     for the same suite and environment is continued, skipping its finished cases.
     """
     dtypes = list(dtypes or (QUICK_DTYPES if quick else DTYPES))
@@ -566,6 +657,7 @@ def certify(
     out = Path(out)
     journal = out.with_name(out.name + ".journal")
     done: dict[str, dict[str, Any]] = {}
+    done_models: dict[tuple[str, str], dict[str, Any]] = {}
     if resume and journal.exists():
         records = list(certs.iter_journal(journal))
         if not records or {k: records[0].get(k) for k in header} != header:
@@ -573,6 +665,7 @@ def certify(
                 f"{journal}: cannot resume: it was written for another suite, backend or environment "
                 "(remove it, or run without --resume)")
         done = {r["id"]: r for r in records[1:] if "id" in r}
+        done_models = {(r["model"]["preset"], r["model"]["dtype"]): r["model"] for r in records[1:] if "model" in r}
     else:
         journal.parent.mkdir(parents=True, exist_ok=True)
         journal.unlink(missing_ok=True)
@@ -588,6 +681,23 @@ def certify(
         result = runner.run(case)
         certs.append_journal(journal, result.model_dump(mode="json"))
         cases.append(result)
+    for impl in impls:  # a kind without cases cannot be certified: say so rather than omit it
+        kind = registry.kind(impl.kind)
+        if kind.cases is None:
+            cases += [Case(id=f"{kind.id}/{impl.qualname}/none/{dt}", impl=impl.qualname, kind=kind.id,
+                           suite="closed", origin="-", config={}, shape={}, dtype=dt, mode="infer",
+                           status="skipped", reasons=[f"block kind {kind.id} defines no certification cases"])
+                      for dt in dtypes]
+    models: list[ModelCase] = []
+    if backend != REFERENCE and blocks is None:
+        for preset in _closed_presets(quick):
+            for dt in dtypes:
+                if (preset, dt) in done_models:
+                    models.append(ModelCase.model_validate(done_models[(preset, dt)]))
+                    continue
+                result = model_case(registry, backend, run_device, preset, dt, seed)
+                certs.append_journal(journal, {"model": result.model_dump(mode="json")})
+                models.append(result)
     if progress is not None and planned:
         progress(len(planned), len(planned), planned[-1])
     for dt in dtypes:
@@ -614,6 +724,7 @@ def certify(
             } for i in impls
         },
         "cases": [c.model_dump(mode="json") for c in cases],
+        "models": [m.model_dump(mode="json") for m in models],
         "summary": certs.summarize(cases).model_dump(),
     }
     cert = certs.seal(data)

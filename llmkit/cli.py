@@ -289,10 +289,24 @@ def cmd_certify(args: argparse.Namespace, console: Console) -> int:
     s = cert.summary
     console.print(f"{args.backend}: {s.passed} passed, {s.failed} failed, {s.unsupported} unsupported (declared), "
                   f"{s.skipped} skipped of {s.total} cases; certificate written to {out}")
+    if cert.models:
+        table = Table(title="composition: tiny models from the backend's impls vs the float64 reference model")
+        for col in ("model", "dtype", "status", "fallback blocks", "logit ratio", "KL (naive)", "top-1 (naive)", "top-5"):
+            table.add_column(col)
+        for m in cert.models:
+            ratio = m.logits.ratio if m.logits and m.logits.ratio is not None else None
+            table.add_row(m.preset, m.dtype, m.status, str(m.fallbacks), "-" if ratio is None else f"{ratio:.2f}",
+                          "-" if m.kl is None else f"{m.kl:.2g} ({m.kl_naive:.2g})",
+                          "-" if m.top1 is None else f"{m.top1:.3f} ({m.top1_naive:.3f})",
+                          "-" if m.top5 is None else f"{m.top5:.3f}")
+        console.print(table)
     for case in cert.cases:
         if case.status == "fail":
             console.print(f"[red]FAIL[/] {case.id} ({case.origin}): {'; '.join(case.reasons)}", highlight=False)
-    return 1 if s.failed else 0
+    bad_models = [m for m in cert.models if m.status == "fail"]
+    for m in bad_models:
+        console.print(f"[red]FAIL[/] model {m.preset} {m.dtype}: {'; '.join(m.reasons)}", highlight=False)
+    return 1 if s.failed or bad_models else 0
 
 
 def cmd_matrix(args: argparse.Namespace, console: Console) -> int:

@@ -73,8 +73,15 @@ class Column:
 
     def coverage(self) -> str:
         s = self.cert.summary
-        return (f"{s.passed} passed / {s.run} run / {s.total} total "
+        text = (f"{s.passed} passed / {s.run} run / {s.total} total "
                 f"({s.failed} failed, {s.unsupported} unsupported, {s.skipped} skipped)")
+        models = self.cert.models
+        if models:
+            ok = sum(m.status == "pass" for m in models)
+            failed = sorted({f"{m.preset} {m.dtype}" for m in models if m.status == "fail"})
+            text += f"; composition: {ok}/{len(models)} tiny models pass" + (
+                f" (failed: {', '.join(failed)})" if failed else "")
+        return text
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 
 from llmkit import Registry, certificate
 from llmkit.certificate import CertificateError
-from llmkit.certify import CaseRunner, _choices, certify
+from llmkit.certify import CaseRunner, _choices, certify, model_case
 from llmkit.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent / "plugins" / "wrongvendor"))
@@ -251,3 +251,33 @@ def test_quick_certification_of_cpu_and_reference(tmp_path, capsys) -> None:
     assert "cpu/cpu" in text and "reference/cpu" in text and "moe@1 · bfloat16 · infer" in text
     ref = certificate.load(tmp_path / "reference.json")
     assert any(c.mode == "train" and c.status == "pass" and c.backward is not None for c in ref.cases)
+
+
+def test_composition_catches_a_wrong_block_inside_a_model() -> None:
+    wrong = Registry.load([("wrongvendor", llmkit_wrongvendor)])
+    bad = model_case(wrong, "wrong", "cpu", "tiny-grok-1", "float32")
+    assert bad.status == "fail" and bad.impls.get("wrong.renormalise") == 2
+    assert "logits: e_max" in bad.reasons[0] and bad.kl > 1e3 * max(bad.kl_naive, 1e-30)
+    good = model_case(Registry.load(), "cpu", "cpu", "tiny-mixtral-8x7b", "bfloat16")
+    assert good.status == "pass" and good.impls["cpu.grouped"] == 2 and good.fallbacks > 0
+    assert good.top1 >= good.top1_naive - 1 / 32 and good.top5 > 0.9
+
+
+def test_a_kind_without_cases_is_reported_skipped(tmp_path) -> None:
+    import dataclasses
+
+    import llmkit_blocks.plugin as blocks_plugin
+    from llmkit.hookspecs import hookimpl
+
+    class NoCases:
+        LLMKIT_PLUGIN_API = 1
+
+        @hookimpl
+        def llmkit_block_kinds(self):
+            return [dataclasses.replace(k, cases=None) if k.name == "norm" else k
+                    for k in blocks_plugin.llmkit_block_kinds()]
+
+    registry = Registry.load([("blocks-nocases", NoCases())], environ={"LLMKIT_PLUGINS": "cpu"})
+    cert = certify(registry, "cpu", out=tmp_path / "c.json", quick=True, blocks=["norm"], perf=False)
+    assert [c.status for c in cert.cases] == ["skipped", "skipped"]
+    assert cert.cases[0].reasons == ["block kind norm@1 defines no certification cases"]
