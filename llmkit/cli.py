@@ -326,6 +326,29 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
     return 1 if matrix.skipped else 0
 
 
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from .loading import load
+    from .model import build
+
+    dtype = args.dtype or "float32"
+    if args.random_weights:
+        model = build(args.source, dtype=dtype, policy="reference", seed=args.seed)
+    else:
+        model = load(args.source, dtype=dtype, policy="reference")
+    if args.format == "onnx":
+        from .export import export_onnx
+
+        out = export_onnx(model, args.out)
+        console.print(f"wrote {out}/prefill.onnx, decode.onnx, manifest.json, run.py; try: "
+                      f"python {out}/run.py --prompt 'Hello' (needs numpy, onnxruntime, tokenizers)")
+    else:
+        from .export_mlir import export_mlir
+
+        out = export_mlir(model, args.out, stage=args.stage)
+        console.print(f"wrote {out} ({args.stage} stage)")
+    return 0
+
+
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -467,6 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify-cert", help="check certificates: integrity, schema, and whether still valid here")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.set_defaults(func=cmd_verify_cert)
+
+    p = sub.add_parser("export", help="write a model as ONNX (prefill + decode graphs, explicit KV cache) or MLIR")
+    p.add_argument("format", choices=["onnx", "mlir"])
+    p.add_argument("source", help="a checkpoint (GGUF, HF directory) or, with --random-weights, a spec or preset")
+    p.add_argument("--out", type=Path, required=True, help="output directory (onnx) or file (mlir)")
+    p.add_argument("--dtype", default=None, help="dtype of the exported weights (default: float32)")
+    p.add_argument("--stage", choices=["torch", "linalg"], default="linalg", help="mlir: dialect stage (default: linalg)")
+    p.add_argument("--random-weights", action="store_true", help="build SOURCE (a spec) with seeded random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("matrix", help="merge certificates into one block x backend matrix (terminal, Markdown, HTML)")
     p.add_argument("certs", nargs="+", metavar="CERT", help="certificate files, or directories of *.json")
