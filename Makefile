@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
-PLUGINS := backends/cpu
+PLUGINS := backends/cpu backends/onnxrt backends/mlir
 STAMP := $(VENV)/.llmkit-installed
 
 .PHONY: demo test install chromium bench clean

@@ -249,11 +249,20 @@ def softmax_scale(c: AttentionConfig) -> float:
     return c.scale if c.scale is not None else c.head_dim**-0.5
 
 
+def attend_output(block: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                  k_pos: torch.Tensor) -> torch.Tensor:
+    """The tail of `attention` after the cache: q [B, H, T, D] and k, v token-major
+    ([B, S, Hkv, D], as `project` returns and the cache holds them) -> [B, T, d_model]."""
+    c: AttentionConfig = block.config
+    o = attend(q, k.transpose(1, 2), v.transpose(1, 2), q_pos, k_pos, scale=softmax_scale(c), softcap=c.softcap,
+               causal=c.causal, window=c.window)
+    return output(block, o)
+
+
 def attention(
     block: Any, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None
 ) -> torch.Tensor:
     """x [B, T, d_model], positions [B, T] or [T] -> [B, T, d_model]; extends `cache` if given."""
-    c: AttentionConfig = block.config
     b, t, _ = x.shape
     pos = as_positions(positions, b, t)
     q, k, v = project(block, x, pos)
@@ -261,9 +270,7 @@ def attention(
     if cache is not None:
         full, k_pos = cache.extend(pos, k=k, v=v)
         k, v = full["k"], full["v"]
-    o = attend(q, k.transpose(1, 2), v.transpose(1, 2), pos, k_pos, scale=softmax_scale(c), softcap=c.softcap,
-               causal=c.causal, window=c.window)
-    return output(block, o)
+    return attend_output(block, q, k, v, pos, k_pos)
 
 
 def attention_cost(c: AttentionConfig, context: int) -> Cost:

@@ -230,7 +230,7 @@ def choice_scores(block: Any, scores: torch.Tensor) -> torch.Tensor:
     grouped = choice.view(-1, c.n_group, c.n_experts // c.n_group)
     group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
     kept = group_scores.topk(c.topk_group, dim=-1).indices
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+    keep = (kept[..., None] == torch.arange(c.n_group, device=kept.device)).any(dim=1)
     return grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, c.n_experts)
 
 
@@ -294,13 +294,39 @@ def moe(block: Any, x: torch.Tensor) -> torch.Tensor:
             token, slot = token[:capacity], slot[:capacity]
         y = expert(block, e, h.index_select(0, token))
         out.index_add_(0, token, y * mix[token, slot, None])
-    if c.shared_hidden is not None:
-        shared = block.shared(h)
-        if c.shared_gate:
-            shared = torch.sigmoid(F.linear(h, block.shared_gate)) * shared
-        out = out + shared
+    out = add_shared(block, h, out)
+    record_routing(block, x, logits, scores, selected, weights, capacity)
+    return out.reshape(x.shape)
 
-    counts = torch.bincount(selected.flatten(), minlength=c.n_experts)
+
+def add_shared(block: Any, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out + the shared expert's output on h [N, d] (sigmoid-gated when `shared_gate`, Qwen2-MoE);
+    out unchanged when the config has no shared expert."""
+    c: MoEConfig = block.config
+    if c.shared_hidden is None:
+        return out
+    shared = block.shared(h)
+    if c.shared_gate:
+        shared = torch.sigmoid(F.linear(h, block.shared_gate)) * shared
+    return out + shared
+
+
+def routing_matrix(selected: torch.Tensor, weights: torch.Tensor, n_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N, E] routing weights, 0 where a token did not choose the expert: the dense form of
+    (selected, weights), built as a one-hot sum (no scatter, so it exports to plain ONNX/linalg)."""
+    chosen = selected[..., None] == torch.arange(n_experts, device=selected.device)
+    return (chosen.to(dtype) * weights.to(dtype)[..., None]).sum(dim=1)
+
+
+def record_routing(block: Any, x: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor,
+                   selected: torch.Tensor, weights: torch.Tensor, capacity: int | None = None,
+                   counts: torch.Tensor | None = None) -> None:
+    """Set `block.routing` (a RoutingStats) from one forward's routing, as every moe@1 impl must.
+    `counts` ([E] assignments per expert) is computed unless the impl already has it."""
+    c: MoEConfig = block.config
+    n = selected.shape[0]
+    if counts is None:
+        counts = torch.bincount(selected.flatten(), minlength=c.n_experts)
     losses = aux_losses(c, x, logits, scores, selected, counts)
     coefs = {"load_balance": c.load_balance_coef, "z_loss": c.z_loss_coef,
              "seq_balance": c.seq_balance_coef}
@@ -315,7 +341,6 @@ def moe(block: Any, x: torch.Tensor) -> torch.Tensor:
         aux_loss=aux_loss,
         losses=losses,
     )
-    return out.reshape(x.shape)
 
 
 def cost(c: MoEConfig, context: int) -> Cost:

@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory, fsync, then rename."""
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) to `path` through a temporary file in the same directory,
+    fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates the file 0600; the result should have the usual permissions

@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import platform
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from importlib import metadata
@@ -280,10 +281,28 @@ def _file_hash(obj: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _package_hash(obj: Any) -> str:
+    """SHA-256 over every .py file of the top-level package that defines `obj` (paths and contents):
+    an impl's helpers live anywhere in its plugin, so an edit anywhere there may change its results.
+    A plain module (not a package) hashes as its own file."""
+    module = inspect.getmodule(inspect.unwrap(obj))
+    top = sys.modules.get(module.__name__.partition(".")[0]) if module is not None else None
+    roots = [Path(p) for p in getattr(top, "__path__", [])]
+    if not roots:
+        return _file_hash(obj)
+    digest = hashlib.sha256()
+    for root in roots:
+        for file in sorted(root.rglob("*.py")):
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def source_hash(impl: Impl) -> str:
-    """Hash over the source files of the impl's forward, prepare and not_supported_reasons."""
+    """Hash over the whole plugin package(s) defining the impl's forward, prepare and
+    not_supported_reasons."""
     parts = [impl.forward, impl.prepare, impl.not_supported_reasons]
-    hashes = sorted({_file_hash(p) for p in parts if p is not None})
+    hashes = sorted({_package_hash(p) for p in parts if p is not None})
     return "sha256:" + hashlib.sha256("".join(hashes).encode()).hexdigest()
 
 

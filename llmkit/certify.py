@@ -87,10 +87,14 @@ def _preset_configs(registry: Registry, names: Iterable[str]) -> list[tuple[str,
     """(origin, kind, config) of every distinct block config in the given presets, in model order."""
     from .model import build
 
+    # the configs do not depend on the backend: any registered one can hold the meta-device build
+    host = next(iter(registry.backends), None)
+    if host is None:
+        raise LlmkitError("no device backend is registered: the closed suite's presets cannot be built")
     seen: set[tuple[str, str]] = set()
     out = []
     for name in names:
-        model = build(name, device="meta", policy="reference", registry=registry)
+        model = build(name, backend=host, device="meta", policy="reference", registry=registry)
         for path, m in model.named_modules():
             if not isinstance(m, Block):
                 continue

@@ -88,6 +88,12 @@ def collect(registry: Registry, *, peak: bool = False) -> dict[str, Any]:
 _STATUS_STYLE = {"ok": "green", "broken": "bold red", "disabled": "dim"}
 
 
+def _fact(value: Any, width: int = 96) -> str:
+    """One device fact for the terminal (`--json` has them in full)."""
+    text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def render(info: dict[str, Any]) -> Group:
     env = info["environment"]
     head = Text.assemble(
@@ -129,6 +135,12 @@ def render(info: dict[str, Any]) -> Group:
         if b["peak"]:
             peak = f"{b['peak']['flops_per_s'] / 1e9:.1f} GFLOP/s, {b['peak']['bytes_per_s'] / 1e9:.1f} GB/s"
         backends.add_row(b["name"], b["plugin"], b["device_type"], status, peak)
+    facts = Table(title="Device facts (what each available backend detected)", title_justify="left")
+    facts.add_column("backend")
+    facts.add_column("facts")
+    for b in info["backends"]:
+        if b["device_facts"]:
+            facts.add_row(b["name"], "\n".join(f"{k}: {_fact(v)}" for k, v in b["device_facts"].items()))
 
     columns = [REFERENCE, *[b["name"] for b in info["backends"]]]
     matrix = Table(title="Block kinds x backends (registered impls)", title_justify="left")
@@ -140,7 +152,7 @@ def render(info: dict[str, Any]) -> Group:
         cells = [", ".join(k["by_backend"].get(c, [])) or Text("-", style="dim") for c in columns]
         matrix.add_row(k["id"], k["signature"], *cells)
 
-    parts: list[Any] = [head, plugins, backends, matrix]
+    parts: list[Any] = [head, plugins, backends, *([facts] if facts.row_count else []), matrix]
     for problem in info["problems"]:
         parts.append(Text(f"problem: {problem}", style="bold red"))
     return Group(*parts)

@@ -18,6 +18,7 @@ from llmkit import Registry, certificate
 from llmkit.certificate import CertificateError
 from llmkit.certify import CaseRunner, _choices, certify, model_case
 from llmkit.cli import main
+from llmkit.impls import Impl
 
 sys.path.insert(0, str(Path(__file__).parent / "plugins" / "wrongvendor"))
 import llmkit_wrongvendor  # noqa: E402
@@ -281,3 +282,23 @@ def test_a_kind_without_cases_is_reported_skipped(tmp_path) -> None:
     cert = certify(registry, "cpu", out=tmp_path / "c.json", quick=True, blocks=["norm"], perf=False)
     assert [c.status for c in cert.cases] == ["skipped", "skipped"]
     assert cert.cases[0].reasons == ["block kind norm@1 defines no certification cases"]
+
+
+def test_source_hash_covers_the_whole_plugin_package(tmp_path, monkeypatch) -> None:
+    """An impl's helpers may sit in any module of its plugin: editing one makes the hash change."""
+    pkg = tmp_path / "llmkit_hashvendor"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from .ops import forward\n")
+    (pkg / "ops.py").write_text("from .helpers import scale\n\ndef forward(block, x):\n    return scale(x)\n")
+    (pkg / "helpers.py").write_text("def scale(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import llmkit_hashvendor
+
+    impl = Impl(kind="norm", backend="hv", name="x", forward=llmkit_hashvendor.forward,
+                device_types=frozenset({"cpu"}), dtypes=frozenset({torch.float32}))
+    before = certificate.source_hash(impl)
+    assert certificate.source_hash(impl) == before
+    (pkg / "helpers.py").write_text("def scale(x):\n    return 3 * x\n")
+    assert certificate.source_hash(impl) != before
+    for name in ("llmkit_hashvendor", "llmkit_hashvendor.ops", "llmkit_hashvendor.helpers"):
+        monkeypatch.delitem(sys.modules, name)

@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from llmkit_blocks import moe as _moe
 
@@ -42,20 +41,6 @@ def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
         y = _moe.expert(block, e, h.index_select(0, rows))
         out.index_add_(0, rows, y * mix[start:keep])
         start = end
-    if c.shared_hidden is not None:
-        shared = block.shared(h)
-        if c.shared_gate:
-            shared = torch.sigmoid(F.linear(h, block.shared_gate)) * shared
-        out = out + shared
-    losses = _moe.aux_losses(c, x, logits, scores, selected, counts)
-    coefs = {"load_balance": c.load_balance_coef, "z_loss": c.z_loss_coef, "seq_balance": c.seq_balance_coef}
-    block.routing = _moe.RoutingStats(
-        selected=selected,
-        weights=weights.detach(),
-        tokens_per_expert=counts,
-        dropped=0 if capacity is None else int((counts - capacity).clamp(min=0).sum()),
-        imbalance=int(counts.max()) / (n * c.top_k / c.n_experts) if n else 0.0,
-        aux_loss=sum((coefs[k] * v for k, v in losses.items()), torch.zeros((), dtype=logits.dtype)),
-        losses=losses,
-    )
+    out = _moe.add_shared(block, h, out)
+    _moe.record_routing(block, x, logits, scores, selected, weights, capacity, counts)
     return out.reshape(x.shape)
