@@ -53,6 +53,9 @@ class Backend:
     name: str = ""
     device_type: str = ""
     summary: str = ""
+    dist_backend: str | None = None
+    """The torch.distributed process-group backend for this device (gloo, nccl, hccl...), used
+    when a model runs on several ranks; None when the backend cannot run multi-process."""
 
     def available(self) -> list[str]:
         """Reasons this backend cannot run here; empty when it can."""

@@ -61,6 +61,9 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant", default=None, choices=("int8", "int4"),
                    help="weight-only quantisation of the linears, by the impls that support it "
                         "(cpu: attention, mlp, head; fastest with --dtype bfloat16)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (run under torchrun)")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel degree (run under torchrun)")
+    g.add_argument("--cp", type=int, default=1, help="context-parallel degree (not built yet: refused)")
 
 
 def target_from_args(args: argparse.Namespace, registry: Any) -> tuple[Any, Selection]:
@@ -126,7 +129,8 @@ def cmd_build(args: argparse.Namespace, console: Console) -> int:
     facts = dict(_kv(f, "--fact") for f in args.fact) if args.fact else None
     model = build(args.spec, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
                   impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs, seed=args.seed, facts=facts,
-                  mode=args.mode, quant=args.quant, registry=registry)
+                  mode=args.mode, quant=args.quant, parallel={"tp": args.tp, "ep": args.ep, "cp": args.cp},
+                  registry=registry)
     assert model.plan is not None
     if args.json:
         print(model.plan.to_json())
@@ -134,6 +138,12 @@ def cmd_build(args: argparse.Namespace, console: Console) -> int:
         n = sum(p.numel() for p in model.parameters())
         console.print(f"{model.spec.name}: {n:,} parameters on {model.plan.target.device}")
         model.plan.print(console)
+        if model.parallel_plan:
+            import torch.distributed as dist
+
+            console.print(f"rank {dist.get_rank()} of {dist.get_world_size()}:")
+            for line in model.parallel_plan:
+                console.print(f"  {line}", markup=False, highlight=False)
     return 0
 
 
@@ -163,7 +173,8 @@ def _load_for_generation(args: argparse.Namespace) -> Any:
     from .loading import load
 
     model = load(args.source, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
-                 impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs, quant=args.quant)
+                 impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs, quant=args.quant,
+                 parallel={"tp": args.tp, "ep": args.ep, "cp": args.cp})
     if model.tokenizer is None:
         raise LlmkitError(f"{args.source}: the checkpoint has no tokenizer, so text cannot be generated")
     return model
@@ -189,9 +200,23 @@ class _Streamer:
 
 def _generate_turn(model: Any, prompt_ids: list[int], args: argparse.Namespace, err: Console) -> list[int]:
     stats: dict[str, Any] = {}
+    seed, lead = args.seed, True
+    if model.parallel_plan:
+        import torch.distributed as dist
+
+        # every rank must sample the same token: rank 0 picks the seed, and only it prints
+        lead = dist.get_rank() == 0
+        if seed is None and args.temperature > 0:
+            import torch
+
+            pick = torch.randint(0, 2**62, (1,))
+            dist.broadcast(pick, src=0)
+            seed = int(pick)
     out = model.generate([prompt_ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, stop=args.stop or None,
-                         stream=_Streamer(model.tokenizer), stats=stats, compile=args.compile)
+                         top_p=args.top_p, seed=seed, stop=args.stop or None,
+                         stream=_Streamer(model.tokenizer) if lead else None, stats=stats, compile=args.compile)
+    if not lead:
+        return out[0, len(prompt_ids):].tolist()
     print()
     new = out[0, len(prompt_ids):].tolist()
     n = stats["generated_tokens"]

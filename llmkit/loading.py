@@ -182,13 +182,15 @@ def load(
     strict: bool = False,
     certs: Iterable[str | Path] | str | Path | None = None,
     quant: str | None = None,
+    parallel: Any = None,
     registry: Any = None,
 ) -> Any:
     """Load a checkpoint into a `Model` (with `.tokenizer` when the source has one) and bind impls.
 
-    `policy`, `certs` and `quant` ("int8", "int4": weight-only quantisation) as for `llmkit.build`."""
+    `policy`, `certs`, `quant` ("int8", "int4": weight-only quantisation) and `parallel` (every
+    rank loads the whole checkpoint, then keeps its shard) as for `llmkit.build`."""
     from .assembly import assemble
-    from .model import Model, _merge_selection, check_quant
+    from .model import Model, _merge_selection, apply_parallel, check_parallel, check_quant
     from .registry import default_registry
     from .spec import load_spec
     from .target import parse_dtype
@@ -196,6 +198,7 @@ def load(
     registry = registry or default_registry()
     ckpt = read_checkpoint(source)
     spec = load_spec(ckpt.spec, registry)
+    layout = check_parallel(spec, parallel)
     dt = parse_dtype(dtype or spec.dtype or torch.float32)
     target = registry.target(backend, device=device, dtype=dt, quant=quant)
     model = Model(spec, registry, device="meta", dtype=dt)
@@ -206,4 +209,5 @@ def load(
     model.source = ckpt.source
     model.plan = assemble(model, target, _merge_selection(spec, policy, impl, deny, strict, certs), registry)
     check_quant(model, quant)
+    apply_parallel(model, layout, registry.backend(backend))
     return model.eval()

@@ -38,6 +38,7 @@ class Model(nn.Module):
         kw: dict[str, Any] = {"device": device, "dtype": dtype, "generator": generator, "dtypes": dtypes}
         self.spec = spec
         self.plan: Plan | None = None
+        self.parallel_plan: list[str] = []  # what this rank runs, when sharded (llmkit.parallel)
         self.tokenizer: Any = None  # set by llmkit.load when the checkpoint carries one
         self.source: str | None = None
         self.embedding = Block(registry.kind("embedding"), spec.embedding, **kw)
@@ -143,6 +144,7 @@ def build(
     seed: int = 0,
     facts: Mapping[str, Any] | None = None,
     quant: str | None = None,
+    parallel: Any = None,
     registry: Registry | None = None,
 ) -> Model:
     """Build a randomly initialised (seeded) model from a spec, a preset name or a YAML path.
@@ -152,11 +154,14 @@ def build(
     `policy="certified"` runs only impls with a passing, valid certificate for this environment,
     read from `certs` (files or directories; default: the spec's, else `certificate.cert_dir()`).
     `quant` ("int8", "int4") asks the impls for weight-only quantisation; blocks whose impl does
-    not quantise are named in a warning.
+    not quantise are named in a warning. `parallel` ({"tp": 2, "ep": 2}; inside a torchrun-launched
+    process) shards the model across the process group (`llmkit.parallel`); `model.parallel_plan`
+    says what this rank runs.
     """
     registry = registry or default_registry()
     if not isinstance(spec, Spec):
         spec = load_spec(spec, registry)
+    layout = check_parallel(spec, parallel)
     dt = parse_dtype(dtype or spec.dtype or torch.float32)
     target = registry.target(backend, device=device, dtype=dt, mode=mode, facts=facts, quant=quant)
     selection = _merge_selection(spec, policy, impl, deny, strict, certs)
@@ -164,4 +169,33 @@ def build(
     model = Model(spec, registry, device=target.device, dtype=dt, generator=generator)
     model.plan = assemble(model, target, selection, registry)
     check_quant(model, None if target.device == "meta" else quant)
+    apply_parallel(model, layout, registry.backend(backend))
     return model.train(mode == "train")
+
+
+def check_parallel(spec: Spec, parallel: Any) -> Any:
+    """The layout, refused with every reason before any process-group work; None when trivial."""
+    from .parallel import Parallel, env_world, layout_reasons
+
+    layout = Parallel.make(parallel)
+    if layout.trivial:
+        return None
+    from .errors import LlmkitError
+
+    world = env_world()
+    reasons = layout_reasons(spec, layout, world)
+    if reasons:
+        raise LlmkitError(f"parallel layout {layout} refused for {spec.name}: " + "; ".join(reasons))
+    if world is None:
+        raise LlmkitError(f"parallel layout {layout} needs {layout.world} processes: launch with torchrun "
+                          f"(torchrun --nproc-per-node {layout.world} -m llmkit ...) or initialise torch.distributed")
+    return layout
+
+
+def apply_parallel(model: Model, layout: Any, backend: Any) -> None:
+    if layout is None:
+        return
+    from . import parallel
+
+    parallel.init(backend.dist_backend)
+    model.parallel_plan = parallel.shard(model, layout)

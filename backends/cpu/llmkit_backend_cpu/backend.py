@@ -15,6 +15,7 @@ from llmkit.hookspecs import Backend, Peak
 class CpuBackend(Backend):
     name = "cpu"
     device_type = "cpu"
+    dist_backend = "gloo"  # host tensors
     summary = "host CPU through stock PyTorch (oneDNN, inductor)"
 
     def __init__(self) -> None:

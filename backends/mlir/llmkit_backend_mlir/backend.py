@@ -18,6 +18,7 @@ from . import engine
 class MlirBackend(Backend):
     name = "mlir"
     device_type = "cpu"
+    dist_backend = "gloo"  # host tensors
     summary = "block references lowered by torch-mlir to linalg, JIT-compiled by MLIR's ExecutionEngine"
 
     def __init__(self) -> None:

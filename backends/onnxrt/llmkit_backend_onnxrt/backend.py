@@ -70,6 +70,7 @@ def providers() -> tuple[str, ...]:
 class OnnxrtBackend(Backend):
     name = "onnxrt"
     device_type = "cpu"
+    dist_backend = "gloo"  # host tensors
     summary = "blocks exported to ONNX (torch.onnx, dynamo) and run by onnxruntime; host tensors in and out"
 
     def __init__(self) -> None:

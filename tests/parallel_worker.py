@@ -1,0 +1,90 @@
+"""Run by tests/test_parallel.py under torchrun: each rank builds the same model whole, computes the
+single-process logits and greedy tokens, shards it with the layout given, and computes them again.
+Rank 0 writes what it measured (JSON) to the path given; the test judges it.
+
+    torchrun --nproc-per-node 2 tests/parallel_worker.py OUT.json '{"tp": 2}' PRESET[:skewed] ...
+
+With `fault:die` or `fault:hang` as the only preset (launched without torchrun, whose agent would
+stop the survivors itself), rank 1 exits or hangs after sharding and rank 0 reports what its next
+collective did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import llmkit
+from llmkit import LlmkitError, parallel
+
+
+def check(preset: str, layout: dict) -> dict:
+    name, _, variant = preset.partition(":")
+    model = llmkit.build(name, dtype="float32", seed=3).eval()
+    if variant == "skewed":
+        # a zero router scores every expert alike: every token goes to the same top-k experts, so
+        # under ep one rank gets all rows and the other none
+        for m in model.modules():
+            if getattr(m, "kind", None) is not None and m.kind.name == "moe":
+                with torch.no_grad():
+                    m.router.zero_()
+    ids = torch.randint(0, model.spec.embedding.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids)
+        want_tokens = model.generate(ids[:1, :5], max_new_tokens=8, eos=False)
+        routing = [m.routing.tokens_per_expert.tolist() for m in model.modules()
+                   if getattr(m, "kind", None) is not None and m.kind.name == "moe"]
+    lines = parallel.shard(model, layout)
+    with torch.no_grad():
+        got = model(ids)
+        got_tokens = model.generate(ids[:1, :5], max_new_tokens=8, eos=False)
+        got_routing = [m.routing.tokens_per_expert.tolist() for m in model.modules()
+                       if getattr(m, "kind", None) is not None and m.kind.name == "moe"]
+    return {
+        "preset": preset,
+        "max_abs_diff": (got - want).abs().max().item(),
+        "logit_scale": want.abs().max().item(),
+        "tokens_equal": torch.equal(got_tokens, want_tokens),
+        "routing_equal": routing == got_routing,
+        "routing": got_routing,
+        "plan": lines,
+    }
+
+
+def fault(how: str, layout: dict) -> None:
+    model = llmkit.build("tiny-llama-3-8b", dtype="float32", seed=3).eval()
+    parallel.shard(model, layout)
+    if dist.get_rank() == 1:
+        if how == "die":
+            os._exit(3)
+        time.sleep(600)
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 4, dtype=torch.long))
+    except LlmkitError as exc:
+        print(f"FAULT-ERROR after {time.monotonic() - start:.1f}s: {exc}", flush=True)
+        os._exit(1)
+    print("FAULT-MISSED: the forward completed", flush=True)
+    os._exit(0)
+
+
+def main() -> None:
+    out, layout, presets = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
+    parallel.init("gloo")
+    if presets[0].startswith("fault:"):
+        fault(presets[0].removeprefix("fault:"), layout)
+    results = [check(p, layout) for p in presets]
+    if dist.get_rank() == 0:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Multi-process execution (llmkit.parallel) on gloo: tensor and expert parallel give the
+single-process logits and greedy tokens; impossible layouts are refused before any process-group
+work; a dead or hung rank makes the survivor fail with a precise error within the timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import llmkit
+from llmkit import LlmkitError
+from llmkit.parallel import Parallel, layout_reasons
+from llmkit.spec import load_spec
+
+WORKER = Path(__file__).parent / "parallel_worker.py"
+PRESETS = ["tiny-mixtral-8x7b", "tiny-deepseek-v3", "tiny-grok-1", "tiny-llama-3-8b", "tiny-mixtral-8x7b:skewed"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(tmp_path: Path, nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--master-port", str(_free_port()), *args],
+                          capture_output=True, text=True, timeout=timeout, env=_env(), cwd=tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"ep": 2}, {"tp": 2, "ep": 2}], ids=["tp2", "ep2", "tp2xep2"])
+def test_sharded_models_match_the_single_process_model(tmp_path: Path, layout: dict) -> None:
+    out = tmp_path / "results.json"
+    run = _torchrun(tmp_path, 2, str(WORKER), str(out), json.dumps(layout), *PRESETS)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = {r["preset"]: r for r in json.loads(out.read_text())}
+    assert sorted(results) == sorted(PRESETS)
+    for preset, r in results.items():
+        assert r["max_abs_diff"] <= 1e-5, (preset, r)
+        assert r["tokens_equal"] and r["routing_equal"], (preset, r)
+    plan = "\n".join(results["tiny-mixtral-8x7b"]["plan"])
+    if layout.get("tp"):
+        assert "layers.0.attention [attention@1] tp: q heads 0..1, all_reduce" in plan
+        assert "head [head@1] tp: vocab 0..127, all_gather" in plan
+    if layout.get("ep"):
+        assert "layers.0.mlp [moe@1] ep: experts 0..3, all_to_all_single dispatch" in plan
+        # the zero router scores all experts alike, so every token goes to the same two experts,
+        # owned by one rank: the other rank dispatches everything and receives nothing, and the
+        # result is still exact
+        for counts in results["tiny-mixtral-8x7b:skewed"]["routing"]:
+            used = [e for e, n in enumerate(counts) if n]
+            assert len(used) == 2 and used[0] // 4 == used[1] // 4, counts
+    else:
+        assert "ep:" not in plan
+
+
+def test_torchrun_generate_with_real_weights_prints_the_single_process_text(tmp_path: Path) -> None:
+    # SmolLM2-135M has 3 KV heads: tp=3 (3 processes on this 2-core machine)
+    cmd = ["generate", "smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", "12",
+           "--no-chat"]
+    single = subprocess.run([sys.executable, "-m", "llmkit", *cmd], capture_output=True, text=True, timeout=240,
+                            env=_env(), cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    sharded = _torchrun(tmp_path, 3, "-m", "llmkit", *cmd, "--tp", "3")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert single.stdout.strip() and sharded.stdout == single.stdout  # printed once, by rank 0
+
+
+@pytest.mark.parametrize("how,within", [("die", 30.0), ("hang", 30.0)])
+def test_a_dead_or_hung_rank_fails_the_survivor_within_the_timeout(tmp_path: Path, how: str, within: float) -> None:
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "LLMKIT_DIST_TIMEOUT": "5"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "unused.json"), '{"tp": 2}', f"fault:{how}"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    start = time.monotonic()
+    try:
+        out, _ = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 1, out[-2000:]
+    assert "FAULT-ERROR" in out and "rank 0: collective all_reduce failed — a peer rank died or hung" in out, out[-2000:]
+    assert time.monotonic() - start < within + 60  # start-up included; the fault itself is bounded below
+    waited = float(out.split("FAULT-ERROR after ")[1].split("s:")[0])
+    assert waited <= 5 + 2 if how == "hang" else waited < 5
+
+
+def test_impossible_layouts_are_refused_with_reasons() -> None:
+    llama = load_spec("tiny-llama-3-8b")
+    reasons = layout_reasons(llama, Parallel(tp=3))
+    assert "embedding: vocab_size 256 is not divisible by tp=3" in reasons
+    assert any("n_kv_heads 2 is not divisible by tp=3 (replicating KV heads is not built)" in r for r in reasons)
+    assert layout_reasons(llama, Parallel(tp=2), world=4) == ["tp=2 ep=1 cp=1 needs 2 ranks, the process group has 4"]
+    assert any("context parallelism (cp > 1) is not built yet" in r for r in layout_reasons(llama, Parallel(cp=2)))
+    assert any("splits over separate rank groups" in r for r in layout_reasons(load_spec("tiny-mixtral-8x7b"),
+                                                                             Parallel(tp=2, ep=4)))
+    assert layout_reasons(load_spec("tiny-mixtral-8x7b"), Parallel(tp=2, ep=2)) == []
+    assert any("n_experts 8 is not divisible by ep=3" in r
+               for r in layout_reasons(load_spec("tiny-mixtral-8x7b"), Parallel(ep=3)))
+    with pytest.raises(LlmkitError, match="unknown key"):
+        Parallel.make({"pp": 2})
+    with pytest.raises(LlmkitError, match="positive integer"):
+        Parallel.make({"tp": 0})
+
+
+def test_build_refuses_before_any_process_group_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(LlmkitError, match="refused for tiny-llama-3-8b: embedding: vocab_size 256"):
+        llmkit.build("tiny-llama-3-8b", parallel={"tp": 3})
+    with pytest.raises(LlmkitError, match="needs 2 processes: launch with torchrun"):
+        llmkit.build("tiny-llama-3-8b", parallel={"tp": 2})
+    assert not dist.is_initialized()
+    assert llmkit.build("tiny-llama-3-8b", policy="reference", parallel={"tp": 1}).parallel_plan == []
