@@ -63,7 +63,10 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
                         "(cpu: attention, mlp, head; fastest with --dtype bfloat16)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (run under torchrun)")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel degree (run under torchrun)")
-    g.add_argument("--cp", type=int, default=1, help="context-parallel degree (not built yet: refused)")
+    g.add_argument("--cp", type=int, default=1,
+                   help="context-parallel degree (run under torchrun; whole sequences only, no KV cache)")
+    g.add_argument("--cp-mode", default="ring", choices=("ring", "allgather"),
+                   help="how context parallelism moves K/V (default: ring)")
 
 
 def target_from_args(args: argparse.Namespace, registry: Any) -> tuple[Any, Selection]:
@@ -129,7 +132,7 @@ def cmd_build(args: argparse.Namespace, console: Console) -> int:
     facts = dict(_kv(f, "--fact") for f in args.fact) if args.fact else None
     model = build(args.spec, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
                   impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs, seed=args.seed, facts=facts,
-                  mode=args.mode, quant=args.quant, parallel={"tp": args.tp, "ep": args.ep, "cp": args.cp},
+                  mode=args.mode, quant=args.quant, parallel={"tp": args.tp, "ep": args.ep, "cp": args.cp, "cp_mode": args.cp_mode},
                   registry=registry)
     assert model.plan is not None
     if args.json:
@@ -174,7 +177,7 @@ def _load_for_generation(args: argparse.Namespace) -> Any:
 
     model = load(args.source, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
                  impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs, quant=args.quant,
-                 parallel={"tp": args.tp, "ep": args.ep, "cp": args.cp})
+                 parallel={"tp": args.tp, "ep": args.ep, "cp": args.cp, "cp_mode": args.cp_mode})
     if model.tokenizer is None:
         raise LlmkitError(f"{args.source}: the checkpoint has no tokenizer, so text cannot be generated")
     return model

@@ -1,4 +1,4 @@
-"""Multi-process execution on torch.distributed: tensor parallel and expert parallel.
+"""Multi-process execution on torch.distributed: tensor, expert and context parallel.
 
 A model is built whole on every rank (same spec, same seed or the same checkpoint), then `shard`
 cuts each block down to this rank's part and wraps its forward with the collective that makes the
@@ -22,17 +22,22 @@ and GShard / DeepSpeed-MoE for expert parallelism:
   gathered so every rank holds every token again. The routing statistics (`block.routing`) are
   those of all tokens, as in one process.
 - norms, RoPE, MLA and MoE under tp alone are replicated: every rank computes them whole.
+- context parallel (cp, alone): the sequence is cut into 2 cp chunks and rank r runs chunks r and
+  2cp-1-r (zig-zag, for causal load balance) through the model; attention sees every rank's K/V,
+  passed around a ring and merged with an online softmax (ring attention, Liu et al. 2023) or
+  all-gathered; the logits are gathered back in token order. Whole sequences only (no KV cache).
 
-Layouts: every rank takes part in each split that is > 1, so tp and ep are each 1 or the world
-size (tp=2 x ep=2 runs on 2 ranks: attention split by heads, experts by ranges). Context
-parallelism (cp) and tp x ep over separate rank groups are not built yet and are refused with
-that reason. `layout_reasons` checks a layout against a spec before any process-group work.
+Layouts: every rank takes part in each split that is > 1, so tp, ep and cp are each 1 or the world
+size (tp=2 x ep=2 runs on 2 ranks: attention split by heads, experts by ranges); splits over
+separate rank groups, and cp combined with tp or ep, are refused with that reason.
+`layout_reasons` checks a layout against a spec before any process-group work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,6 +48,7 @@ from torch import nn
 
 from .errors import LlmkitError
 
+CP_MODES = ("ring", "allgather")
 TIMEOUT_ENV = "LLMKIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 """Collective timeout (env LLMKIT_DIST_TIMEOUT, seconds): a rank that died or hangs makes the
@@ -56,6 +62,9 @@ class Parallel:
     tp: int = 1
     ep: int = 1
     cp: int = 1
+    cp_mode: str = "ring"
+    """How context parallelism moves K/V: "ring" (blocks passed rank to rank, online-softmax merge)
+    or "allgather" (every rank gathers all K/V, then one masked attention)."""
 
     @classmethod
     def make(cls, value: Parallel | Mapping[str, Any] | None) -> Parallel:
@@ -63,11 +72,16 @@ class Parallel:
             return cls()
         if isinstance(value, Parallel):
             return value
-        unknown = set(value) - {"tp", "ep", "cp"}
+        unknown = set(value) - {"tp", "ep", "cp", "cp_mode"}
         if unknown:
-            raise LlmkitError(f"parallel: unknown key(s) {', '.join(sorted(unknown))}; valid: tp, ep, cp")
-        out = {}
+            raise LlmkitError(f"parallel: unknown key(s) {', '.join(sorted(unknown))}; valid: tp, ep, cp, cp_mode")
+        out: dict[str, Any] = {}
         for key, degree in value.items():
+            if key == "cp_mode":
+                if degree not in CP_MODES:
+                    raise LlmkitError(f"parallel.cp_mode must be one of {', '.join(CP_MODES)}, got {degree!r}")
+                out[key] = degree
+                continue
             if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
                 raise LlmkitError(f"parallel.{key} must be a positive integer, got {degree!r}")
             out[key] = degree
@@ -83,7 +97,7 @@ class Parallel:
         return self.world == 1
 
     def __str__(self) -> str:
-        return f"tp={self.tp} ep={self.ep} cp={self.cp}"
+        return f"tp={self.tp} ep={self.ep} cp={self.cp}" + (f" ({self.cp_mode})" if self.cp > 1 else "")
 
 
 def layout_reasons(spec: Any, parallel: Parallel, world: int | None = None) -> list[str]:
@@ -92,9 +106,9 @@ def layout_reasons(spec: Any, parallel: Parallel, world: int | None = None) -> l
     reasons = []
     if world is not None and world != p.world:
         reasons.append(f"{p} needs {p.world} ranks, the process group has {world}")
-    if p.cp > 1:
-        reasons.append("context parallelism (cp > 1) is not built yet")
-    for name, degree in (("tp", p.tp), ("ep", p.ep)):
+    if p.cp > 1 and (p.tp > 1 or p.ep > 1):
+        reasons.append(f"{p}: context parallelism combined with tp or ep is not built yet")
+    for name, degree in (("tp", p.tp), ("ep", p.ep), ("cp", p.cp)):
         if degree not in (1, p.world):
             reasons.append(f"{name}={degree} on {p.world} ranks: splits over separate rank groups (e.g. tp=2 x ep=2 "
                            "on 4 ranks) are not built yet; use 1 or the world size")
@@ -111,6 +125,9 @@ def layout_reasons(spec: Any, parallel: Parallel, world: int | None = None) -> l
                                "(replicating KV heads is not built)")
             elif att.n_heads % p.tp:
                 reasons.append(f"layer {i} attention: n_heads {att.n_heads} is not divisible by tp={p.tp}")
+        if p.cp > 1 and getattr(att, "type", None) != "attention":
+            reasons.append(f"layer {i}: {getattr(att, 'type', 'this')} attention under context parallelism is not "
+                           "built (only attention@1)")
         if p.tp > 1 and getattr(ffn, "type", None) == "mlp" and ffn.hidden % p.tp:
             reasons.append(f"layer {i} mlp: hidden {ffn.hidden} is not divisible by tp={p.tp}")
         if p.ep > 1 and getattr(ffn, "type", None) == "moe":
@@ -315,6 +332,123 @@ def _shard_moe(block: Any, rank: int, ep: int, group: Any) -> None:
     block.forward = forward
 
 
+# --- context parallel ------------------------------------------------------------------------------
+
+def zigzag(length: int, cp: int, rank: int) -> torch.Tensor:
+    """The token indices rank `rank` holds: of 2 cp near-equal chunks, chunk r and chunk 2cp-1-r.
+
+    Under causal attention a late chunk attends to many keys and an early one to few; pairing
+    them gives every rank about the same work (the zig-zag of ring-attention implementations)."""
+    chunks = torch.arange(length).tensor_split(2 * cp)
+    return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]])
+
+
+def _pad_rows(x: torch.Tensor, width: int, dim: int, value: float) -> torch.Tensor:
+    pad = width - x.shape[dim]
+    if pad == 0:
+        return x.contiguous()
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+def _gather_seq(x: torch.Tensor, width: int, group: Any, value: float = 0.0) -> list[torch.Tensor]:
+    """Every rank's x (dim 1 = its tokens, at most `width`), padded to `width` with `value`."""
+    padded = _pad_rows(x, width, 1, value)
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+    _collective("all_gather", lambda: dist.all_gather(parts, padded, group=group))
+    return parts
+
+
+def _ring_attend(block: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                 k_pos: torch.Tensor, width: int, group: Any) -> torch.Tensor:
+    """attend() with K/V blocks passed around the ring: each step scores the local queries against
+    the block in hand while the next block arrives, and merges it into a running softmax
+    (max m, normaliser l, accumulator; FlashAttention's online rescaling) in float32."""
+    from llmkit_blocks import attention as _attention
+
+    c = block.config
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    kb, vb, pb = (_pad_rows(k, width, 1, 0.0), _pad_rows(v, width, 1, 0.0), _pad_rows(k_pos, width, 1, -1))
+    groups = c.n_heads // c.n_kv_heads
+    qf = q.float()
+    m = torch.full((*q.shape[:3], 1), float("-inf"), device=q.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros((*q.shape[:3], v.shape[-1]), device=q.device)
+    for step in range(world):
+        pending = []
+        if step < world - 1:
+            incoming = [torch.empty_like(kb), torch.empty_like(vb), torch.empty_like(pb)]
+            sends = [dist.isend(t, (rank + 1) % world, group=group) for t in (kb, vb, pb)]
+            pending = [*sends, *(dist.irecv(t, (rank - 1) % world, group=group) for t in incoming)]
+        kh = kb.transpose(1, 2).float().repeat_interleave(groups, dim=1)
+        vh = vb.transpose(1, 2).float().repeat_interleave(groups, dim=1)
+        scores = torch.matmul(qf, kh.transpose(-1, -2)) * _attention.softmax_scale(c)
+        if c.softcap is not None:
+            scores = c.softcap * torch.tanh(scores / c.softcap)
+        allowed = _attention.visible(q_pos, pb, c.causal, c.window)[:, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+        safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows that have seen no key yet
+        p = torch.exp(scores - safe)
+        correction = torch.exp(m - safe)
+        l = l * correction + p.sum(dim=-1, keepdim=True)
+        acc = acc * correction + torch.matmul(p, vh)
+        m = m_new
+        for work in pending:
+            _collective("ring send/recv", work.wait)
+        if pending:
+            kb, vb, pb = incoming
+    out = torch.where(l > 0, acc / l.clamp(min=torch.finfo(l.dtype).tiny), 0.0)
+    return _attention.output(block, out.to(v.dtype))
+
+
+def _shard_context(model: nn.Module, rank: int, cp: int, mode: str, group: Any) -> None:
+    """Each rank runs its zig-zag share of the tokens through the model; attention gathers the
+    other ranks' K/V (ring or all-gather); the logits are gathered back into token order."""
+    from llmkit_blocks import attention as _attention
+
+    from .assembly import Block
+    from .cache import as_positions
+
+    state: dict[str, int] = {}
+
+    def attention_forward(block: Any, x: torch.Tensor, positions: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        pos = as_positions(positions, b, t)
+        q, k, v = _attention.project(block, x, pos)
+        if mode == "ring":
+            return _ring_attend(block, q, k, v, pos, pos, state["width"], group)
+        keys = torch.cat(_gather_seq(k, state["width"], group), dim=1)
+        values = torch.cat(_gather_seq(v, state["width"], group), dim=1)
+        k_pos = torch.cat(_gather_seq(pos, state["width"], group, value=-1), dim=1)
+        return _attention.attend_output(block, q, keys, values, pos, k_pos)
+
+    for m in model.modules():
+        if isinstance(m, Block) and m.kind.name == "attention":
+            m.forward = functools.partial(attention_forward, m)
+
+    inner = model.forward
+
+    def forward(ids: torch.Tensor, positions: torch.Tensor | None = None, cache: Any = None, *,
+                last_only: bool = False) -> torch.Tensor:
+        if cache is not None:
+            raise LlmkitError("context parallelism runs whole sequences (prefill, scoring); a KV cache under cp is "
+                              "not built: generate without --cp")
+        b, t = ids.shape
+        pos = as_positions(positions if positions is not None else torch.arange(t, device=ids.device), b, t)
+        mine = zigzag(t, cp, rank)
+        sizes = [len(zigzag(t, cp, r)) for r in range(cp)]
+        state["width"] = max(sizes)
+        local = inner(ids[:, mine], pos[:, mine])
+        out = local.new_empty((b, t, local.shape[-1]))
+        for r, part in enumerate(_gather_seq(local, state["width"], group)):
+            out[:, zigzag(t, cp, r)] = part[:, :sizes[r]]
+        return out[:, -1:] if last_only else out
+
+    model.forward = forward
+
+
 _TP: dict[str, tuple[Callable[[Any, int, int, Any], None], str, str, str]] = {
     # kind: (split, what is split, the config field holding this rank's share, joining collective)
     "attention": (_shard_attention, "q heads", "n_heads", "all_reduce"),
@@ -345,6 +479,10 @@ def shard(model: nn.Module, parallel: Parallel | Mapping[str, Any], group: Any =
     # a MoE's shared expert is replicated: under ep its inputs differ per rank, so a split of it
     # could not be summed across ranks
     inside_moe = tuple(f"{path}." for path, m in blocks if m.kind.name == "moe")
+    if p.cp > 1:
+        _shard_context(model, rank, p.cp, p.cp_mode, group)
+        return [f"cp ({p.cp_mode}): sequence chunks {rank} and {2 * p.cp - 1 - rank} of {2 * p.cp} (zig-zag); "
+                "attention sees every rank's K/V; logits gathered in token order"]
     for path, m in blocks:
         kind = m.kind.name
         what = "replicated"

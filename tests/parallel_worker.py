@@ -11,6 +11,7 @@ collective did.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -23,8 +24,32 @@ import llmkit
 from llmkit import LlmkitError, parallel
 
 
+def _greedy(model: torch.nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy continuation without a cache (what context parallelism runs: whole sequences)."""
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+def long_context(preset: str, length: int, layout: dict) -> dict:
+    """Precision rule against the float64 model at `length` tokens: the sharded float32 model's
+    error may be at most 2 x the single-process float32 model's + 2 ulps of the logits' scale."""
+    model = llmkit.build(preset, dtype="float32", seed=3).eval()
+    exact = copy.deepcopy(model).to(torch.float64)
+    ids = torch.randint(0, model.spec.embedding.vocab_size, (1, length), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = exact(ids)
+        naive = (model(ids).double() - ref).abs().max().item()
+        parallel.shard(model, layout)
+        err = (model(ids).double() - ref).abs().max().item()
+    floor = 2 * torch.finfo(torch.float32).eps * ref.abs().max().item()
+    return {"preset": f"{preset}@{length}", "e_max": err, "e_naive": naive, "threshold": 2 * naive + floor}
+
+
 def check(preset: str, layout: dict) -> dict:
     name, _, variant = preset.partition(":")
+    if variant.isdigit():
+        return long_context(name, int(variant), layout)
     model = llmkit.build(name, dtype="float32", seed=3).eval()
     if variant == "skewed":
         # a zero router scores every expert alike: every token goes to the same top-k experts, so
@@ -42,7 +67,11 @@ def check(preset: str, layout: dict) -> dict:
     lines = parallel.shard(model, layout)
     with torch.no_grad():
         got = model(ids)
-        got_tokens = model.generate(ids[:1, :5], max_new_tokens=8, eos=False)
+        if layout.get("cp", 1) > 1:
+            got_tokens = _greedy(model, ids[:1, :5], 8)
+            model(ids)  # routing statistics of the same call as above
+        else:
+            got_tokens = model.generate(ids[:1, :5], max_new_tokens=8, eos=False)
         got_routing = [m.routing.tokens_per_expert.tolist() for m in model.modules()
                        if getattr(m, "kind", None) is not None and m.kind.name == "moe"]
     return {
