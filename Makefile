@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
-PLUGINS := backends/cpu backends/onnxrt backends/mlir
+PLUGINS := backends/cpu backends/onnxrt backends/mlir backends/triton backends/cuda backends/rocm backends/gaudi
 STAMP := $(VENV)/.llmkit-installed
 
 .PHONY: demo test install chromium bench clean

@@ -17,6 +17,10 @@ os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="llmkit-test-cac
 # The tests decide which plugins load; a developer's own switches must not leak in.
 for _var in ("LLMKIT_DISABLE_PLUGIN_AUTOLOAD", "LLMKIT_PLUGINS"):
     os.environ.pop(_var, None)
+# Without a GPU the Triton kernels run in Triton's interpreter; triton decides interpreted or
+# compiled when a kernel is defined, so this must precede every import of triton.
+if not shutil.which("nvidia-smi") and not os.path.exists("/dev/kfd"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from llmkit import Registry  # noqa: E402
 
