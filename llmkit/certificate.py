@@ -354,8 +354,10 @@ def stale_reasons(cert: Certificate, registry: Any) -> list[str]:
     out: list[str] = []
     backend = cert.backend
     if backend == REFERENCE:  # the reference impls ran on the backend that owns the device
-        dev_type = cert.device.split(":")[0]
-        backend = next((n for n, b in registry.backends.items() if b.device_type == dev_type), backend)
+        try:
+            backend = registry.device_backend(cert.device.split(":")[0])
+        except LlmkitError:
+            pass  # reported just below: not registered here
     if backend not in registry.backends:
         return [f"backend {backend!r} is not registered here"]
     now = environment(registry, backend, cert.device)

@@ -612,11 +612,8 @@ def _device_backend(registry: Registry, backend: str, device: str | None) -> tup
     if backend != REFERENCE:
         b = registry.backend(backend)
         return backend, device or b.default_device()
-    dev = torch.device(device or "cpu")
-    for name, b in registry.backends.items():
-        if b.device_type == dev.type:
-            return name, str(device or b.default_device())
-    raise LlmkitError(f"no registered backend runs device {dev}")
+    name = registry.device_backend(torch.device(device or "cpu").type)
+    return name, str(device or registry.backend(name).default_device())
 
 
 def certify(

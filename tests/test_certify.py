@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit import Registry, certificate
+from llmkit import LlmkitError, Registry, certificate
 from llmkit.certificate import CertificateError
 from llmkit.certify import CaseRunner, _choices, certify, model_case
 from llmkit.cli import main
@@ -302,3 +302,30 @@ def test_source_hash_covers_the_whole_plugin_package(tmp_path, monkeypatch) -> N
     assert certificate.source_hash(impl) != before
     for name in ("llmkit_hashvendor", "llmkit_hashvendor.ops", "llmkit_hashvendor.helpers"):
         monkeypatch.delitem(sys.modules, name)
+
+
+def test_the_reference_runs_on_an_available_backend_of_the_device_type() -> None:
+    """cuda and rocm both own device type "cuda": on a ROCm build only rocm is available, and the
+    reference certification (and its staleness check) must pick it, not the first registered."""
+    from llmkit.backend import Backend
+    from llmkit.hookspecs import hookimpl
+
+    class Unavailable(Backend):
+        name, device_type = "acpu", "cpu"
+
+        def available(self) -> list[str]:
+            return ["not on this machine"]
+
+    class Vendor:
+        LLMKIT_PLUGIN_API = 1
+
+        @hookimpl
+        def llmkit_backends(self) -> list[Backend]:
+            return [Unavailable()]
+
+    registry = Registry.load([("acpu", Vendor())], environ={"LLMKIT_DISABLE_PLUGIN_AUTOLOAD": "1",
+                                                             "LLMKIT_PLUGINS": "blocks,cpu"})
+    assert list(registry.backends)[0] == "acpu"  # first registered, but unavailable
+    assert registry.device_backend("cpu") == "cpu"
+    with pytest.raises(LlmkitError, match="no registered backend runs device type 'hpu'"):
+        registry.device_backend("hpu")
