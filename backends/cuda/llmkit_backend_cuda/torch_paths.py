@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -27,9 +27,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmkit.cache import LayerCache, as_positions
+from llmkit.hookspecs import Impl, Target
 from llmkit_blocks import attention as _attn
 from llmkit_blocks import mlp as _mlp
 from llmkit_blocks import moe as _moe
+
+Reasons = Callable[[Any, Target], Iterator[str]]
 
 CUDA_SDPA_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 """Fused SDPA kernels on NVIDIA, in PyTorch's preference order."""
@@ -151,3 +154,23 @@ def grouped_moe_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
     out = _moe.add_shared(block, h, out)
     _moe.record_routing(block, x, logits, scores, selected, weights, None, counts)
     return out.reshape(x.shape)
+
+
+def impls(backend: str, *, sdpa_kernels: Sequence[SDPBackend], sdpa_dtypes: set[str], sdpa_summary: str,
+          attention_features: set[str], moe_features: set[str], sdpa_unsupported: Reasons,
+          norm_unsupported: Reasons, moe_unsupported: Reasons) -> list[Impl]:
+    """The PyTorch-path impls of a GPU backend on torch's "cuda" device type (NVIDIA or ROCm):
+    fused SDPA restricted to `sdpa_kernels`, fused norms, grouped-GEMM MoE (bf16)."""
+    return [
+        Impl(kind="attention@1", backend=backend, name="sdpa", forward=make_sdpa_forward(sdpa_kernels),
+             device_types={"cuda"}, dtypes=sdpa_dtypes, features=attention_features,
+             priority=30, not_supported_reasons=sdpa_unsupported, summary=sdpa_summary),
+        Impl(kind="norm@1", backend=backend, name="fused", forward=fused_norm_forward,
+             device_types={"cuda"}, dtypes={"float16", "bfloat16", "float32", "float64"}, features={"*"},
+             priority=20, not_supported_reasons=norm_unsupported,
+             summary="F.rms_norm / F.layer_norm fused kernels, float32 statistics"),
+        Impl(kind="moe@1", backend=backend, name="grouped", forward=grouped_moe_forward,
+             device_types={"cuda"}, dtypes={"bfloat16"}, features=moe_features, priority=30,
+             not_supported_reasons=moe_unsupported,
+             summary="reference router; experts as three torch._grouped_mm calls over expert-sorted rows"),
+    ]

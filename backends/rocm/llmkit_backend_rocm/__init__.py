@@ -57,18 +57,11 @@ def llmkit_backends() -> list[Backend]:
 @hookimpl
 def llmkit_impls() -> list[Impl]:
     return [
-        Impl(kind="attention@1", backend="rocm", name="sdpa",
-             forward=torch_paths.make_sdpa_forward(ROCM_SDPA_KERNELS),
-             device_types={"cuda"}, dtypes={"float16", "bfloat16"}, features=ATTENTION_FEATURES,
-             priority=30, not_supported_reasons=sdpa_unsupported,
-             summary="F.scaled_dot_product_attention on AOTriton's flash / memory-efficient kernels only"),
-        Impl(kind="norm@1", backend="rocm", name="fused", forward=torch_paths.fused_norm_forward,
-             device_types={"cuda"}, dtypes={"float16", "bfloat16", "float32", "float64"}, features={"*"},
-             priority=20, not_supported_reasons=norm_unsupported,
-             summary="F.rms_norm / F.layer_norm fused kernels, float32 statistics"),
-        Impl(kind="moe@1", backend="rocm", name="grouped", forward=torch_paths.grouped_moe_forward,
-             device_types={"cuda"}, dtypes={"bfloat16"}, features=MOE_FEATURES, priority=30,
-             not_supported_reasons=grouped_moe_unsupported,
-             summary="reference router; experts as three torch._grouped_mm calls over expert-sorted rows"),
+        *torch_paths.impls("rocm", sdpa_kernels=ROCM_SDPA_KERNELS, sdpa_dtypes={"float16", "bfloat16"},
+                           sdpa_summary="F.scaled_dot_product_attention on AOTriton's flash / memory-efficient "
+                                        "kernels only",
+                           attention_features=ATTENTION_FEATURES, moe_features=MOE_FEATURES,
+                           sdpa_unsupported=sdpa_unsupported, norm_unsupported=norm_unsupported,
+                           moe_unsupported=grouped_moe_unsupported),
         *triton_impls("rocm", capability.triton),
     ]
