@@ -366,34 +366,56 @@ def mla_features(c: MLAConfig) -> set[str]:
     return out
 
 
-def mla(block: Any, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-    """x [B, T, d_model], positions [B, T] or [T] -> [B, T, d_model]; caches the latent and k_rope."""
+def mla_project(block: Any, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, T, d_model], pos [B, T] -> q [B, H, T, qk_head_dim] (RoPE on its rope part), the
+    normalised latent [B, T, kv_lora_rank] and the rotated shared rope key [B, T, qk_rope_head_dim]:
+    what the cache holds per token."""
     c: MLAConfig = block.config
     b, t, _ = x.shape
-    pos = as_positions(positions, b, t)
     if c.q_lora_rank is None:
         q = F.linear(x, block.wq)
     else:
         q = F.linear(block.q_norm(F.linear(x, block.wq_a)), block.wq_b)
     q = q.view(b, t, c.n_heads, c.qk_head_dim).transpose(1, 2)
     q_nope, q_rope = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-    q_rope = block.rope(q_rope, pos)
-
+    q = torch.cat([q_nope, block.rope(q_rope, pos)], dim=-1)
     latent, k_rope = F.linear(x, block.wkv_a).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
-    latent = block.kv_norm(latent)
     k_rope = block.rope(k_rope.unsqueeze(1), pos).squeeze(1)  # one rope key shared by all heads
+    return q, block.kv_norm(latent), k_rope
+
+
+def mla_keys(block: Any, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached latent [B, S, kv_lora_rank] and rope key [B, S, qk_rope_head_dim] -> per-head
+    k [B, H, S, qk_head_dim] = [k_nope, k_rope] and v [B, H, S, v_head_dim], through Wkv_b."""
+    c: MLAConfig = block.config
+    b, s, _ = latent.shape
+    kv = F.linear(latent, block.wkv_b).view(b, s, c.n_heads, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
+    k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+    return torch.cat([k_nope, k_rope[:, None].expand(b, c.n_heads, s, c.qk_rope_head_dim)], dim=-1), v
+
+
+def mla_scale(c: MLAConfig) -> float:
+    return (c.scale if c.scale is not None else c.qk_head_dim**-0.5) * positional.softmax_scale_multiplier(c.rope)
+
+
+def mla_output(block: Any, o: torch.Tensor) -> torch.Tensor:
+    """o [B, H, T, v_head_dim] -> [B, T, d_model] through Wo."""
+    b, h, t, dv = o.shape
+    return F.linear(o.transpose(1, 2).reshape(b, t, h * dv), block.wo)
+
+
+def mla(block: Any, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    """x [B, T, d_model], positions [B, T] or [T] -> [B, T, d_model]; caches the latent and k_rope."""
+    c: MLAConfig = block.config
+    b, t, _ = x.shape
+    pos = as_positions(positions, b, t)
+    q, latent, k_rope = mla_project(block, x, pos)
     k_pos = pos
     if cache is not None:
         full, k_pos = cache.extend(pos, latent=latent, k_rope=k_rope)
         latent, k_rope = full["latent"], full["k_rope"]
-    s = latent.shape[1]
-    kv = F.linear(latent, block.wkv_b).view(b, s, c.n_heads, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
-    k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-    k = torch.cat([k_nope, k_rope[:, None].expand(b, c.n_heads, s, c.qk_rope_head_dim)], dim=-1)
-    q = torch.cat([q_nope, q_rope], dim=-1)
-    scale = (c.scale if c.scale is not None else c.qk_head_dim**-0.5) * positional.softmax_scale_multiplier(c.rope)
-    o = attend(q, k, v, pos, k_pos, scale=scale, causal=c.causal)
-    return F.linear(o.transpose(1, 2).reshape(b, t, c.n_heads * c.v_head_dim), block.wo)
+    k, v = mla_keys(block, latent, k_rope)
+    return mla_output(block, attend(q, k, v, pos, k_pos, scale=mla_scale(c), causal=c.causal))
 
 
 def mla_cost(c: MLAConfig, context: int) -> Cost:

@@ -28,6 +28,12 @@ Engines:
                 loop over `model(ids, cache=..., use_cache=True, logits_to_keep=1)` with its own
                 (dynamic) KV cache, so neither engine pays `generate()` bookkeeping; logits of the
                 last position only, as transformers' own generate asks for.
+  llmkit xN     (with `nproc` N) llmkit sharded over N processes launched by torchrun with the given
+                layout (tp/ep/cp), each with os.cpu_count() / N torch threads unless `threads` is
+                set; figures of rank 0, peak RSS the largest rank's. Both llmkit runs then also
+                record `profile`: each block's time over one prefill and per decode step, and the
+                time inside collectives by name (all_reduce, all_to_all_single, ...), per rank, in a
+                separate pass after the timed runs (`llmkit.parallel.Profile`).
   llamacpp      llama-cpp-python on the GGUF file: `Llama.eval(prompt)` for prefill, then
                 `sample(temp=0)` + `eval([token])` per step. It computes with the file's stored
                 quantisation (e.g. Q4_1), llmkit and transformers with dequantised weights: the same
@@ -41,6 +47,7 @@ ran the same weights (a near-tie or a different quantisation may end it early).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -104,9 +111,14 @@ def bench(
     threads: int | None = None,
     repeats: int = 3,
     compile: bool = False,
+    nproc: int | None = None,
+    parallel: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure `source` under llmkit and each baseline; returns the benchmark record (module docstring).
+
+    With `nproc` N, llmkit also runs sharded over N processes (torchrun, the `parallel` layout,
+    e.g. {"tp": 2}), and both llmkit runs record a per-block profile (`profile`).
 
     The load options are `llmkit.load`'s. `threads` sets torch's thread count in every process and
     llama.cpp's (default: torch's own default; os.cpu_count() for llama.cpp). `progress(engine)` is
@@ -124,18 +136,28 @@ def bench(
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise LlmkitError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
+    layout = _check_nproc(nproc, parallel)
     job = {"prompt_len": prompt_len, "gen_len": gen_len, "threads": threads, "repeats": repeats}
+    llmkit_job = {**job, "engine": "llmkit", "source": str(source), "backend": backend, "dtype": dtype,
+                  "quant": quant, "policy": policy, "device": device, "impl": list(impl or []),
+                  "deny": list(deny or []), "strict": strict, "compile": compile, "profile": nproc is not None,
+                  "certs": None if certs is None else [str(c) for c in certs]}
     if progress:
         progress("llmkit")
-    ours = _run_child({**job, "engine": "llmkit", "source": str(source), "backend": backend, "dtype": dtype,
-                       "quant": quant, "policy": policy, "device": device, "impl": list(impl or []),
-                       "deny": list(deny or []), "strict": strict, "compile": compile,
-                       "certs": None if certs is None else [str(c) for c in certs]})
+    ours = _run_child(llmkit_job)
     if "error" in ours:
         raise LlmkitError(ours["error"])
     # policy: the one in effect (the caller's, else the checkpoint spec's, else auto)
     ids, tokens, prompt, policy = ours.pop("ids"), ours.pop("tokens"), ours.pop("prompt"), ours.pop("policy")
     engines: dict[str, dict[str, Any]] = {"llmkit": ours}
+    if layout is not None:
+        name = f"llmkit x{nproc}"
+        if progress:
+            progress(f"{name} ({layout}, torchrun)")
+        record = _run_child({**llmkit_job, "parallel": dataclasses.asdict(layout)}, nproc=nproc)
+        for key in ("ids", "prompt", "policy"):
+            record.pop(key, None)
+        engines[name] = _agree(record, tokens)
     for name in dict.fromkeys(baselines):  # in the order given, once each
         if util.find_spec(MODULE[name]) is None:
             engines[name] = {"skipped": INSTALL[name]}
@@ -147,10 +169,7 @@ def bench(
         if progress:
             progress(name)
         record = _run_child({**job, "engine": name, "source": ours["source"], "dtype": ours["dtype"], "ids": ids})
-        if "tokens" in record:
-            theirs = record.pop("tokens")
-            record["agree_tokens"] = next((i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b), len(tokens))
-        engines[name] = record
+        engines[name] = _agree(record, tokens)
 
     for engine, record in engines.items():
         for w in record.get("warnings", []):
@@ -160,16 +179,77 @@ def bench(
                "decode_ratio": ours["decode_tok_s"] / r["decode_tok_s"]}
         for name, r in engines.items() if name != "llmkit" and "decode_tok_s" in r
     }
+    return _record(source, ours, engines, ratios, backend=backend, device=device, quant=quant, compile=compile,
+                   policy=policy, prompt_len=prompt_len, gen_len=gen_len, prompt=prompt, repeats=repeats,
+                   threads=threads, parallel=None if layout is None else {"nproc": nproc, **dataclasses.asdict(layout)})
+
+
+def bench_here(source: str | Path, *, parallel: Any, prompt_len: int = 128, gen_len: int = 64,
+               repeats: int = 3, threads: int | None = None, compile: bool = False,
+               **load: Any) -> dict[str, Any] | None:
+    """`bench` inside a torchrun-launched process: every rank measures its shard of `source` here
+    (no baselines, no subprocesses); rank 0 gets the record, the other ranks None."""
+    import torch.distributed as dist
+
+    from .parallel import Parallel, env_world
+
+    layout = Parallel.make(parallel)
+    world = env_world() or 1
+    if layout.trivial:
+        raise LlmkitError(f"under torchrun ({world} processes) bench needs a layout over them: --tp/--ep/--cp {world}")
+    job = {"engine": "llmkit", "source": str(source), "prompt_len": prompt_len, "gen_len": gen_len,
+           "threads": threads, "repeats": repeats, "compile": compile, "profile": True,
+           "parallel": dataclasses.asdict(layout), "impl": [], "deny": [], "strict": False, "certs": None,
+           "backend": "cpu", "dtype": None, "quant": None, "policy": None, "device": None}
+    job.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in load.items()})
+    ours = _run_job(job)
+    if dist.get_rank() != 0:
+        return None
+    if "error" in ours:
+        raise LlmkitError(ours["error"])
+    for w in ours.get("warnings", []):
+        warnings.warn(_warning_class(w["category"])(f"rank 0: {w['message']}"), stacklevel=2)
+    prompt, policy = ours.pop("prompt"), ours.pop("policy")
+    ours.pop("ids"), ours.pop("tokens")
+    return _record(source, ours, {f"llmkit x{world}": ours}, {}, backend=job["backend"], device=job["device"],
+                   quant=job["quant"], compile=compile, policy=policy, prompt_len=prompt_len, gen_len=gen_len,
+                   prompt=prompt, repeats=repeats, threads=threads, parallel={"nproc": world, **job["parallel"]})
+
+
+def _check_nproc(nproc: int | None, parallel: Any) -> Any:
+    """The layout `nproc` processes run (refused with the reason), or None without `nproc`."""
+    from .parallel import Parallel
+
+    layout = Parallel.make(parallel)
+    if nproc is None:
+        if not layout.trivial:
+            raise LlmkitError(f"a parallel layout ({layout}) needs --nproc N here, or launch bench under torchrun")
+        return None
+    if nproc < 2:
+        raise LlmkitError(f"nproc must be >= 2 (the single-process run is always measured), got {nproc}")
+    if layout.world != nproc:
+        raise LlmkitError(f"--nproc {nproc} needs a layout over {nproc} ranks (--tp/--ep/--cp {nproc}), got {layout}")
+    return layout
+
+
+def _agree(record: dict[str, Any], tokens: list[int]) -> dict[str, Any]:
+    """Count the leading generated ids an engine shares with llmkit's single-process run."""
+    if "tokens" in record:
+        theirs = record.pop("tokens")
+        record["agree_tokens"] = next((i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b), len(tokens))
+    return record
+
+
+def _record(source: str | Path, ours: dict[str, Any], engines: dict[str, dict[str, Any]],
+            ratios: dict[str, Any], **workload: Any) -> dict[str, Any]:
     return {
         "benchmark": "llmkit bench",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": ours["threads"],
                     "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__},
-        "workload": {"source": str(source), "path": ours["source"], "backend": backend, "device": device,
-                     "dtype": ours["dtype"], "quant": quant, "compile": compile, "policy": policy, "batch": 1, "prompt_len": prompt_len,
-                     "gen_len": gen_len, "prompt": prompt, "repeats": repeats, "warmup": 1,
-                     "threads": threads},
+        "workload": {"source": str(source), "path": ours["source"], "dtype": ours["dtype"], "batch": 1,
+                     "warmup": 1, **workload},
         "engines": engines,
         "ratios": ratios,
     }
@@ -221,18 +301,78 @@ def render(record: dict[str, Any]) -> Group:
         if (r.get("other_load") or 0) >= BUSY:
             notes.append(Text(f"{name}: other processes used {r['other_load']:.0%} of the CPUs while it ran; "
                               "its figures are distorted", style="yellow"))
-    return Group(table, *notes)
+    return Group(table, *notes, *profile_tables(record))
+
+
+def profile_summary(ranks: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
+    """Rows of one phase, each figure the mean over ranks in ms: the embedding, every layer, the
+    final norm and head, then all layers' attention and all layers' mlp/moe summed."""
+    def mean(values: list[float]) -> float:
+        return 1000 * sum(values) / len(values)
+
+    rows = [list(r[phase]) for r in ranks]
+    out = []
+    for i, first in enumerate(rows[0]):
+        if first["block"].count(".") < 2:
+            out.append({"block": first["block"], "time_ms": mean([r[i]["time_s"] for r in rows]),
+                        "comm_ms": mean([sum(r[i]["comm_s"].values()) for r in rows]),
+                        "all_to_all_ms": mean([r[i]["comm_s"].get("all_to_all_single", 0.0) for r in rows])})
+    for label, kinds in (("attention, all layers", (".attention",)), ("mlp/moe, all layers", (".mlp",))):
+        picked = [[row for row in r if row["block"].endswith(kinds)] for r in rows]
+        if picked[0]:
+            out.append({"block": label, "time_ms": mean([sum(x["time_s"] for x in p) for p in picked]),
+                        "comm_ms": mean([sum(sum(x["comm_s"].values()) for x in p) for p in picked]),
+                        "all_to_all_ms": mean([sum(x["comm_s"].get("all_to_all_single", 0.0) for x in p)
+                                               for p in picked])})
+    return out
+
+
+def profile_tables(record: dict[str, Any]) -> list[Table]:
+    """Per-block time of the engines that recorded a profile, side by side: time (mean over
+    ranks), and for a sharded run the share spent in collectives and in all_to_all."""
+    profiled = {name: r["profile"]["ranks"] for name, r in record["engines"].items() if "profile" in r}
+    if not profiled:
+        return []
+    w = record["workload"]
+    tables = []
+    for phase, what in (("prefill", f"the prompt of {w['prompt_len']} tokens"), ("decode", "per decode step")):
+        table = Table(title=f"per block, {phase} ({what}), ms; sharded runs: mean over ranks", title_justify="left",
+                      caption="comm: time inside collectives (transfers and waiting for peers); "
+                              "compute = time - comm", caption_justify="left")
+        table.add_column("block")
+        summaries = {name: profile_summary(ranks, phase) for name, ranks in profiled.items()}
+        for name, ranks in profiled.items():
+            table.add_column(f"{name} time", justify="right")
+            if len(ranks) > 1:
+                for col in ("comm", "all_to_all"):
+                    table.add_column(f"{name} {col}", justify="right")
+        for i, row in enumerate(next(iter(summaries.values()))):
+            cells = [row["block"]]
+            for name, ranks in profiled.items():
+                mine = summaries[name][i]
+                cells.append(f"{mine['time_ms']:.2f}")
+                if len(ranks) > 1:
+                    share = mine["comm_ms"] / mine["time_ms"] if mine["time_ms"] else 0.0
+                    cells += [f"{mine['comm_ms']:.2f} ({share:.0%})", f"{mine['all_to_all_ms']:.2f}"]
+            table.add_row(*cells)
+        tables.append(table)
+    return tables
 
 
 # --- the parent side of a child process ------------------------------------------------------
 
 
-def _run_child(job: dict[str, Any]) -> dict[str, Any]:
+def _run_child(job: dict[str, Any], nproc: int | None = None) -> dict[str, Any]:
+    """Run one engine in a fresh process (with `nproc`, in `nproc` processes under torchrun, whose
+    rank 0 writes the record)."""
     with tempfile.TemporaryDirectory(prefix="llmkit-bench-") as tmp:
         job_file, out_file = Path(tmp, "job.json"), Path(tmp, "record.json")
         job_file.write_text(json.dumps(job))
         before = _cpu_seconds()
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(job_file), str(out_file)],
+        launch = [sys.executable, "-c", _CHILD] if nproc is None else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "llmkit.bench"]
+        proc = subprocess.run([*launch, str(job_file), str(out_file)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         after = _cpu_seconds()
         if proc.returncode != 0 or not out_file.is_file():
@@ -273,8 +413,18 @@ def _warning_class(name: str) -> type[Warning]:
 
 
 def _child_main() -> None:
+    import torch.distributed as dist
+
     job_file, out_file = sys.argv[1], sys.argv[2]
-    job = json.loads(Path(job_file).read_text())
+    record = _run_job(json.loads(Path(job_file).read_text()))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        Path(out_file).write_text(json.dumps(record))
+
+
+def _run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One engine's record, measured in this process (on every rank, when sharded)."""
+    import torch.distributed as dist
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LlmkitWarning)
         try:
@@ -291,7 +441,11 @@ def _child_main() -> None:
                           for w in caught if isinstance(w.message, LlmkitWarning)]
     if "skipped" not in record and "error" not in record:
         record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    Path(out_file).write_text(json.dumps(record))
+        if dist.is_initialized():
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, record["peak_rss_mib"])
+            record["peak_rss_mib"], record["peak_rss_mib_ranks"] = max(ranks), ranks
+    return record
 
 
 def _threads(job: dict[str, Any]) -> int:
@@ -334,11 +488,16 @@ def prompt_ids(tokenizer: Any, vocab_size: int, n: int) -> tuple[list[int], str]
 
 def _measure_llmkit(job: dict[str, Any]) -> dict[str, Any]:
     from .loading import load
+    from .parallel import env_world
 
+    world = env_world()
+    if world and not job["threads"]:
+        # the ranks share the machine's CPUs (torchrun would leave each one thread)
+        job = {**job, "threads": max(1, (os.cpu_count() or 1) // world)}
     threads = _threads(job)
     model = load(job["source"], backend=job["backend"], dtype=job["dtype"], device=job["device"],
                  policy=job["policy"], impl=job["impl"], deny=job["deny"], strict=job["strict"], certs=job["certs"],
-                 quant=job["quant"])
+                 quant=job["quant"], parallel=job.get("parallel"))
     ids, how = prompt_ids(model.tokenizer, model.spec.vocab_size, job["prompt_len"])
 
     def once(gen_len: int) -> tuple[float, float, float, list[int]]:
@@ -354,10 +513,40 @@ def _measure_llmkit(job: dict[str, Any]) -> dict[str, Any]:
         return stats["prefill_s"], marks[0] - start, marks[-1] - marks[0], out[0, len(ids):].tolist()
 
     assert model.plan is not None
-    return {"engine": "llmkit", "version": _version("llmkit"), "source": model.source, "threads": threads,
-            "dtype": str(model.plan.target.dtype).removeprefix("torch."), "impls": model.plan.counts(),
-            "fallbacks": len(model.plan.fallbacks), **_figures(job, once), "ids": ids, "prompt": how,
-            "policy": model.plan.selection.policy}
+    record = {"engine": "llmkit", "version": _version("llmkit"), "source": model.source, "threads": threads,
+              "dtype": str(model.plan.target.dtype).removeprefix("torch."), "impls": model.plan.counts(),
+              "fallbacks": len(model.plan.fallbacks), **_figures(job, once), "ids": ids, "prompt": how,
+              "policy": model.plan.selection.policy}
+    if model.parallel_plan:
+        record["parallel"] = job["parallel"]
+    if job.get("profile"):
+        record["profile"] = profile(model, ids, job["gen_len"])
+    return record
+
+
+@torch.no_grad()
+def profile(model: Any, ids: list[int], gen_len: int) -> dict[str, Any]:
+    """Per-block time and communication (`llmkit.parallel.Profile`) of one prefill of `ids` and of
+    the `gen_len - 1` greedy decode steps after it (their mean per step), run apart from the timed
+    runs; every rank's, gathered (rank order) when the model is sharded: {"ranks": [{"prefill":
+    rows, "decode": rows}, ...]}."""
+    import torch.distributed as dist
+
+    from .parallel import Profile
+
+    device = model.embedding.weight.device
+    cache = model.new_cache(capacity=len(ids) + gen_len)
+    with Profile(model) as prefill:
+        token = model(torch.tensor([ids], device=device), cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    with Profile(model) as decode:
+        for _ in range(gen_len - 1):
+            token = model(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    mine = {"prefill": prefill.rows(), "decode": decode.rows(per=gen_len - 1)}
+    if not model.parallel_plan:
+        return {"ranks": [mine]}
+    ranks: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    return {"ranks": ranks}
 
 
 def _hf_from_gguf(path: Path, dtype: Any) -> Any:
@@ -432,3 +621,7 @@ def _measure_llamacpp(job: dict[str, Any]) -> dict[str, Any]:
 
     return {"engine": "llamacpp", "version": _version("llama-cpp-python"), "threads": threads,
             "dtype": "as stored in the GGUF", **_figures(job, once)}
+
+
+if __name__ == "__main__":  # a torchrun-launched engine process (`_run_child` with nproc)
+    _child_main()

@@ -64,7 +64,7 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (run under torchrun)")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel degree (run under torchrun)")
     g.add_argument("--cp", type=int, default=1,
-                   help="context-parallel degree (run under torchrun; whole sequences only, no KV cache)")
+                   help="context-parallel degree (run under torchrun): the prompt split across ranks, the KV cache spread over them")
     g.add_argument("--cp-mode", default="ring", choices=("ring", "allgather"),
                    help="how context parallelism moves K/V (default: ring)")
 
@@ -266,28 +266,48 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> int:
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .atomic import write_json_atomic
-    from .bench import bench, render
+    from .bench import bench, bench_here
+    from .parallel import env_world
 
     names = [b.strip() for b in args.baseline.split(",") if b.strip()]
     baselines = [] if names == ["none"] else names
     err = Console(stderr=True)
+    layout = {"tp": args.tp, "ep": args.ep, "cp": args.cp, "cp_mode": args.cp_mode}
+    if env_world() is not None:
+        # launched by torchrun: every rank measures its shard here; rank 0 reports
+        if args.nproc is not None:
+            raise LlmkitError("--nproc launches its own processes: run it without torchrun")
+        record = bench_here(args.source, parallel=layout, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                            repeats=args.repeats, threads=args.threads, compile=args.compile, backend=args.backend,
+                            dtype=args.dtype, quant=args.quant, policy=args.policy, device=args.device,
+                            impl=args.impl, deny=args.deny, strict=args.strict,
+                            certs=None if args.certs is None else [str(c) for c in args.certs])
+        if record is not None:
+            _show_bench(args, console, record)
+        return 0
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("bench", total=None)
         record = bench(args.source, backend=args.backend, dtype=args.dtype, quant=args.quant, policy=args.policy,
                        device=args.device, impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs,
                        prompt_len=args.prompt_len, gen_len=args.gen_len, baselines=baselines, threads=args.threads,
-                       repeats=args.repeats, compile=args.compile,
+                       repeats=args.repeats, compile=args.compile, nproc=args.nproc, parallel=layout,
                        progress=lambda engine: bar.update(task, description=f"measuring {engine} (own process)"))
+    _show_bench(args, console, record)
+    # a baseline that failed (not one that was skipped) leaves the comparison incomplete
+    return 1 if any("error" in r for r in record["engines"].values()) else 0
+
+
+def _show_bench(args: argparse.Namespace, console: Console, record: dict[str, Any]) -> None:
+    from .atomic import write_json_atomic
+    from .bench import render
+
     if args.out:
         write_json_atomic(args.out, record)
     if args.json:
         print(json.dumps(record, indent=2))
     else:
         console.print(render(record))
-    # a baseline that failed (not one that was skipped) leaves the comparison incomplete
-    return 1 if any("error" in r for r in record["engines"].values()) else 0
 
 
 def cmd_certify(args: argparse.Namespace, console: Console) -> int:
@@ -491,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads in every engine and llama.cpp's n_threads (default: torch's default; "
                         "llama.cpp: all CPUs)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="also run llmkit sharded over N processes (torchrun, the --tp/--ep/--cp layout) and "
+                        "report per-block time split into compute and communication next to the single-process run")
     p.add_argument("--json", action="store_true", help="print the record as JSON instead of a table")
     p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the record as JSON (atomically)")
     add_target_options(p)

@@ -22,10 +22,16 @@ and GShard / DeepSpeed-MoE for expert parallelism:
   gathered so every rank holds every token again. The routing statistics (`block.routing`) are
   those of all tokens, as in one process.
 - norms, RoPE, MLA and MoE under tp alone are replicated: every rank computes them whole.
-- context parallel (cp, alone): the sequence is cut into 2 cp chunks and rank r runs chunks r and
-  2cp-1-r (zig-zag, for causal load balance) through the model; attention sees every rank's K/V,
-  passed around a ring and merged with an online softmax (ring attention, Liu et al. 2023) or
-  all-gathered; the logits are gathered back in token order. Whole sequences only (no KV cache).
+- context parallel (cp, alone): a prompt is cut into 2 cp chunks and rank r runs chunks r and
+  2cp-1-r (zig-zag, for causal load balance) through the model; attention (attention@1, or MLA,
+  whose per-token latent is what moves) sees every rank's K/V, passed around a ring and merged
+  with an online softmax (ring attention, Liu et al. 2023) or all-gathered; the logits are
+  gathered back in token order (with `last_only`, broadcast from the rank holding the last token).
+  With a KV cache (`model.new_cache()` makes a `ContextCache`), each rank keeps the K/V of its own
+  prompt tokens; every decode step runs the new token on all ranks, each attends over the tokens it
+  keeps, the partial softmax states (max, normaliser, weighted sum) are all-gathered and merged,
+  and one rank per step (round-robin) keeps the new token's K/V. So the cache is spread evenly
+  and no rank ever holds another's. MoE routing statistics are redone over all tokens.
 
 Layouts: every rank takes part in each split that is > 1, so tp, ep and cp are each 1 or the world
 size (tp=2 x ep=2 runs on 2 ranks: attention split by heads, experts by ranges); splits over
@@ -35,10 +41,12 @@ separate rank groups, and cp combined with tp or ep, are refused with that reaso
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import functools
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -125,9 +133,9 @@ def layout_reasons(spec: Any, parallel: Parallel, world: int | None = None) -> l
                                "(replicating KV heads is not built)")
             elif att.n_heads % p.tp:
                 reasons.append(f"layer {i} attention: n_heads {att.n_heads} is not divisible by tp={p.tp}")
-        if p.cp > 1 and getattr(att, "type", None) != "attention":
+        if p.cp > 1 and getattr(att, "type", None) not in ("attention", "mla"):
             reasons.append(f"layer {i}: {getattr(att, 'type', 'this')} attention under context parallelism is not "
-                           "built (only attention@1)")
+                           "built (attention@1 and mla@1 are)")
         if p.tp > 1 and getattr(ffn, "type", None) == "mlp" and ffn.hidden % p.tp:
             reasons.append(f"layer {i} mlp: hidden {ffn.hidden} is not divisible by tp={p.tp}")
         if p.ep > 1 and getattr(ffn, "type", None) == "moe":
@@ -165,15 +173,88 @@ def init(backend: str | None, timeout_s: float | None = None) -> None:
         except ValueError:
             raise LlmkitError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # torn down before the interpreter exits: a gloo group left to process teardown can abort the
+    # process ("terminate called without an active exception") while its threads still run
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class Profile:
+    """Wall time per block and time inside collectives, on this rank, while active (`with`).
+
+    Blocks: the embedding, each layer and its attention and mlp/moe, the final norm and the head,
+    timed by forward pre/post hooks (an asynchronous device is synchronised at each hook, which
+    serialises it: profile in a separate pass, not while timing throughput). Each collective's wall
+    time (`_collective`) is charged to every block running at the time, by its name (all_reduce,
+    all_to_all_single, ...). Collectives block on gloo, so that is the transfer plus the wait for
+    slower peers; compute = time - communication."""
+
+    active: Profile | None = None
+
+    def __init__(self, model: nn.Module) -> None:
+        from .assembly import Block
+
+        self.model = model
+        self.time: dict[str, float] = {}
+        self.comm: dict[str, dict[str, float]] = {}
+        self._stack: list[tuple[str, float]] = []
+        self._hooks: list[Any] = []
+        top = {"embedding", "norm", "head"}
+        self._paths = [(path, m) for path, m in model.named_modules() if isinstance(m, Block) and (
+            path in top or (path.startswith("layers.") and (path.count(".") == 1 or (
+                path.count(".") == 2 and m.kind.name in ("attention", "mla", "mlp", "moe")))))]
+        device = next(model.parameters()).device
+        self._sync = (lambda: None) if device.type in ("cpu", "meta") else torch.accelerator.synchronize
+
+    def __enter__(self) -> Profile:
+        for path, m in self._paths:
+            self._hooks.append(m.register_forward_pre_hook(functools.partial(self._enter, path)))
+            self._hooks.append(m.register_forward_hook(functools.partial(self._leave, path)))
+        Profile.active = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        Profile.active = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _enter(self, path: str, *_: Any) -> None:
+        self._sync()
+        self._stack.append((path, time.perf_counter()))
+
+    def _leave(self, path: str, *_: Any) -> None:
+        self._sync()
+        name, start = self._stack.pop()
+        self.time[name] = self.time.get(name, 0.0) + time.perf_counter() - start
+
+    def charge(self, what: str, seconds: float) -> None:
+        for path, _ in self._stack:
+            ops = self.comm.setdefault(path, {})
+            ops[what] = ops.get(what, 0.0) + seconds
+
+    def rows(self, per: int = 1) -> list[dict[str, Any]]:
+        """One row per block, in model order: time_s, comm_s (by collective) — divided by `per`."""
+        return [{"block": path, "time_s": self.time.get(path, 0.0) / per,
+                 "comm_s": {op: t / per for op, t in self.comm.get(path, {}).items()}}
+                for path, _ in self._paths]
 
 
 def _collective(what: str, fn: Callable[[], Any]) -> Any:
     """Run one collective; a peer that died or timed out becomes a precise error on this rank."""
+    start = time.perf_counter()
     try:
         return fn()
     except (RuntimeError, dist.DistBackendError) as exc:
         raise LlmkitError(f"rank {dist.get_rank()}: collective {what} failed — a peer rank died or hung "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    finally:
+        if Profile.active is not None:
+            Profile.active.charge(what, time.perf_counter() - start)
 
 
 def _all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
@@ -325,11 +406,22 @@ def _shard_moe(block: Any, rank: int, ep: int, group: Any) -> None:
         out = torch.zeros_like(mine)
         out.index_add_(0, token, back * weights.flatten()[order, None].to(x.dtype))
         out = _gather_rows(_moe.add_shared(block, mine, out), sizes, group)
-        full = [_gather_rows(t, sizes, group) for t in (logits, scores, selected, weights)]
+        full = _gather_routing((logits, scores, selected, weights), lambda t: _gather_rows(t, sizes, group))
         _moe.record_routing(block, x, *full)
         return out.reshape(x.shape)
 
     block.forward = forward
+
+
+def _gather_routing(routed: tuple[torch.Tensor, ...], gather: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """`route`'s (logits, scores, selected, weights) of this rank's tokens -> those of all tokens,
+    packed into one tensor so that one collective (`gather`) moves them (expert ids travel as
+    floats: exact below 2^24)."""
+    logits, scores, selected, weights = routed
+    e, k = logits.shape[-1], selected.shape[-1]
+    packed = torch.cat([logits, scores.to(logits.dtype), selected.to(logits.dtype), weights.to(logits.dtype)], dim=-1)
+    whole_logits, whole_scores, whole_selected, whole_weights = gather(packed).split([e, e, k, k], dim=-1)
+    return [whole_logits, whole_scores.to(scores.dtype), whole_selected.long(), whole_weights.to(weights.dtype)]
 
 
 # --- context parallel ------------------------------------------------------------------------------
@@ -360,93 +452,233 @@ def _gather_seq(x: torch.Tensor, width: int, group: Any, value: float = 0.0) -> 
     return parts
 
 
-def _ring_attend(block: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                 k_pos: torch.Tensor, width: int, group: Any) -> torch.Tensor:
-    """attend() with K/V blocks passed around the ring: each step scores the local queries against
-    the block in hand while the next block arrives, and merges it into a running softmax
-    (max m, normaliser l, accumulator; FlashAttention's online rescaling) in float32."""
+# Each attention-like kind under cp: its projection (q, and what the cache holds per token), how
+# cached tensors become per-head k/v, its score parameters and its output projection. All come from
+# the catalogue, so cp computes exactly what the kind's reference computes.
+
+def _cp_project(block: Any, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from llmkit_blocks import attention as _attention
+
+    if block.kind.name == "mla":
+        q, latent, k_rope = _attention.mla_project(block, x, pos)
+        return q, {"latent": latent, "k_rope": k_rope}
+    q, k, v = _attention.project(block, x, pos)
+    return q, {"k": k, "v": v}
+
+
+def _cp_keys(block: Any, cached: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached per-token tensors [B, S, ...] -> k [B, Hkv, S, D], v [B, Hkv, S, Dv]."""
+    from llmkit_blocks import attention as _attention
+
+    if block.kind.name == "mla":
+        return _attention.mla_keys(block, cached["latent"], cached["k_rope"])
+    return cached["k"].transpose(1, 2), cached["v"].transpose(1, 2)
+
+
+def _cp_scores(block: Any) -> dict[str, Any]:
     from llmkit_blocks import attention as _attention
 
     c = block.config
+    if block.kind.name == "mla":
+        return {"scale": _attention.mla_scale(c), "softcap": None, "causal": c.causal, "window": None}
+    return {"scale": _attention.softmax_scale(c), "softcap": c.softcap, "causal": c.causal, "window": c.window}
+
+
+def _cp_output(block: Any, o: torch.Tensor) -> torch.Tensor:
+    from llmkit_blocks import attention as _attention
+
+    return _attention.mla_output(block, o) if block.kind.name == "mla" else _attention.output(block, o)
+
+
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, *,
+             scale: float, softcap: float | None, causal: bool, window: int | None) -> torch.Tensor:
+    """The softmax state of queries q [B, H, T, D] over one block of keys k, v [B, Hkv, S, *]:
+    [B, H, T, 2 + Dv] = (row max m, normaliser l = sum exp(s - m), accumulator sum exp(s - m) v),
+    in float32 (float64 for float64 inputs). States of disjoint key blocks merge exactly (`_merge`):
+    the online softmax of FlashAttention (Dao et al. 2022) and ring attention."""
+    from llmkit_blocks import attention as _attention
+
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    b, h, t, _ = q.shape
+    if k.shape[2] == 0:  # this rank holds no keys (yet)
+        empty = q.new_zeros((b, h, t, 2 + v.shape[-1]), dtype=acc_dtype)
+        empty[..., 0] = float("-inf")
+        return empty
+    groups = h // k.shape[1]
+    kh = k.to(acc_dtype).repeat_interleave(groups, dim=1)
+    vh = v.to(acc_dtype).repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.to(acc_dtype), kh.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = _attention.visible(q_pos, k_pos, causal, window)[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    p = torch.exp(scores - torch.where(torch.isinf(m), 0.0, m))  # rows that see no key: all zeros
+    return torch.cat([m, p.sum(dim=-1, keepdim=True), torch.matmul(p, vh)], dim=-1)
+
+
+def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two `_partial` states over disjoint keys -> the state over both."""
+    m = torch.maximum(a[..., :1], b[..., :1])
+    safe = torch.where(torch.isinf(m), 0.0, m)
+    return torch.cat([m, torch.exp(a[..., :1] - safe) * a[..., 1:] + torch.exp(b[..., :1] - safe) * b[..., 1:]], dim=-1)
+
+
+def _finish(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A state -> the attention output [B, H, T, Dv] (0 for a query that saw no key)."""
+    l, acc = state[..., 1:2], state[..., 2:]
+    return torch.where(l > 0, acc / l.clamp(min=torch.finfo(l.dtype).tiny), 0.0).to(dtype)
+
+
+def _ring_attend(block: Any, q: torch.Tensor, cached: dict[str, torch.Tensor], q_pos: torch.Tensor,
+                 k_pos: torch.Tensor, width: int, group: Any) -> torch.Tensor:
+    """Attention output of the local queries over every rank's keys: each rank's cached tensors
+    (k/v, or MLA's latent and rope key, padded to `width` tokens with position -1) pass around the
+    ring; each step scores the block in hand while the next one arrives and merges its state."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    kb, vb, pb = (_pad_rows(k, width, 1, 0.0), _pad_rows(v, width, 1, 0.0), _pad_rows(k_pos, width, 1, -1))
-    groups = c.n_heads // c.n_kv_heads
-    qf = q.float()
-    m = torch.full((*q.shape[:3], 1), float("-inf"), device=q.device)
-    l = torch.zeros_like(m)
-    acc = torch.zeros((*q.shape[:3], v.shape[-1]), device=q.device)
+    blocks = [_pad_rows(t, width, 1, 0.0) for t in cached.values()] + [_pad_rows(k_pos, width, 1, -1)]
+    scores = _cp_scores(block)
+    state: torch.Tensor | None = None
     for step in range(world):
-        pending = []
+        pending, incoming = [], []
         if step < world - 1:
-            incoming = [torch.empty_like(kb), torch.empty_like(vb), torch.empty_like(pb)]
-            sends = [dist.isend(t, (rank + 1) % world, group=group) for t in (kb, vb, pb)]
-            pending = [*sends, *(dist.irecv(t, (rank - 1) % world, group=group) for t in incoming)]
-        kh = kb.transpose(1, 2).float().repeat_interleave(groups, dim=1)
-        vh = vb.transpose(1, 2).float().repeat_interleave(groups, dim=1)
-        scores = torch.matmul(qf, kh.transpose(-1, -2)) * _attention.softmax_scale(c)
-        if c.softcap is not None:
-            scores = c.softcap * torch.tanh(scores / c.softcap)
-        allowed = _attention.visible(q_pos, pb, c.causal, c.window)[:, None]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
-        safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows that have seen no key yet
-        p = torch.exp(scores - safe)
-        correction = torch.exp(m - safe)
-        l = l * correction + p.sum(dim=-1, keepdim=True)
-        acc = acc * correction + torch.matmul(p, vh)
-        m = m_new
+            incoming = [torch.empty_like(t) for t in blocks]
+            pending = [dist.isend(t, (rank + 1) % world, group=group) for t in blocks]
+            pending += [dist.irecv(t, (rank - 1) % world, group=group) for t in incoming]
+        k, v = _cp_keys(block, dict(zip(cached, blocks[:-1])))
+        part = _partial(q, k, v, q_pos, blocks[-1], **scores)
+        state = part if state is None else _merge(state, part)
         for work in pending:
             _collective("ring send/recv", work.wait)
         if pending:
-            kb, vb, pb = incoming
-    out = torch.where(l > 0, acc / l.clamp(min=torch.finfo(l.dtype).tiny), 0.0)
-    return _attention.output(block, out.to(v.dtype))
+            blocks = incoming
+    assert state is not None
+    return _finish(state, q.dtype)
+
+
+class ContextCache(list):
+    """The per-layer caches of a context-parallel model (`model.new_cache()` under cp): each rank's
+    caches hold only the tokens it keeps, so this list also carries what every rank must agree on:
+    tokens seen so far, the last position of each row, and the decode steps taken (whose tokens
+    are kept round-robin, one rank per step)."""
+
+    def __init__(self, layers: list[Any]) -> None:
+        super().__init__(layers)
+        self.seen = 0
+        self.last: torch.Tensor | None = None
+        self.steps = 0
+
+
+def _cached_now(cache: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What a layer cache holds (without adding to it)."""
+    n = len(cache)
+    return {k: v[:, :n] for k, v in cache.tensors.items()}, cache.positions[:, :n]
 
 
 def _shard_context(model: nn.Module, rank: int, cp: int, mode: str, group: Any) -> None:
-    """Each rank runs its zig-zag share of the tokens through the model; attention gathers the
-    other ranks' K/V (ring or all-gather); the logits are gathered back into token order."""
+    """Prefill: each rank runs its zig-zag share of the tokens through the model, attention sees
+    every rank's K/V (ring or all-gather), each rank's cache keeps its own tokens. Later steps
+    (decode, or a prompt shorter than cp): every rank runs all the new tokens, attends over the
+    tokens it keeps, and the softmax states are merged across ranks; one rank per step keeps them."""
     from llmkit_blocks import attention as _attention
+    from llmkit_blocks import moe as _moe
 
     from .assembly import Block
     from .cache import as_positions
 
-    state: dict[str, int] = {}
+    state: dict[str, Any] = {}
 
     def attention_forward(block: Any, x: torch.Tensor, positions: torch.Tensor, cache: Any = None) -> torch.Tensor:
         b, t, _ = x.shape
         pos = as_positions(positions, b, t)
-        q, k, v = _attention.project(block, x, pos)
-        if mode == "ring":
-            return _ring_attend(block, q, k, v, pos, pos, state["width"], group)
-        keys = torch.cat(_gather_seq(k, state["width"], group), dim=1)
-        values = torch.cat(_gather_seq(v, state["width"], group), dim=1)
-        k_pos = torch.cat(_gather_seq(pos, state["width"], group, value=-1), dim=1)
-        return _attention.attend_output(block, q, keys, values, pos, k_pos)
+        q, new = _cp_project(block, x, pos)
+        if state["split"]:
+            if cache is not None:
+                cache.extend(pos, **new)
+            if mode == "ring":
+                return _cp_output(block, _ring_attend(block, q, new, pos, pos, state["width"], group))
+            gathered = {name: torch.cat(_gather_seq(t_, state["width"], group), dim=1) for name, t_ in new.items()}
+            k_pos = torch.cat(_gather_seq(pos, state["width"], group, value=-1), dim=1)
+            k, v = _cp_keys(block, gathered)
+            return _cp_output(block, _attention.attend(q, k, v, pos, k_pos, **_cp_scores(block)))
+        if state["keeper"] == rank:
+            mine, k_pos = cache.extend(pos, **new) if cache is not None else (new, pos)
+        elif cache is not None and len(cache):
+            mine, k_pos = _cached_now(cache)
+        else:
+            mine, k_pos = {name: t_[:, :0] for name, t_ in new.items()}, pos[:, :0]
+        k, v = _cp_keys(block, mine)
+        part = _partial(q, k, v, pos, k_pos, **_cp_scores(block)).contiguous()
+        parts = [torch.empty_like(part) for _ in range(cp)]
+        _collective("all_gather", lambda: dist.all_gather(parts, part, group=group))
+        merged = functools.reduce(_merge, parts)
+        return _cp_output(block, _finish(merged, q.dtype))
+
+    def moe_forward(block: Any, inner: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
+        out = inner(x)
+        if state["split"]:
+            # the block saw this rank's tokens only: its statistics are redone over every token
+            # (router again, its outputs gathered into token order)
+            b, t = x.shape[0], state["length"]
+
+            def gather(rows: torch.Tensor) -> torch.Tensor:
+                whole = rows.new_empty((b, t, rows.shape[-1]))
+                for src, part in enumerate(_gather_seq(rows.reshape(b, x.shape[1], -1), state["width"], group)):
+                    whole[:, zigzag(t, cp, src)] = part[:, :state["sizes"][src]]
+                return whole.reshape(b * t, -1)
+
+            full = _gather_routing(_moe.route(block, x.reshape(-1, x.shape[-1])), gather)
+            # record_routing reads only x's shape ([batch, seq] for the per-sequence loss)
+            _moe.record_routing(block, x.new_empty(1).expand(b, t, x.shape[-1]), *full)
+        return out
 
     for m in model.modules():
-        if isinstance(m, Block) and m.kind.name == "attention":
+        if isinstance(m, Block) and m.kind.name in ("attention", "mla"):
             m.forward = functools.partial(attention_forward, m)
+        elif isinstance(m, Block) and m.kind.name == "moe":
+            m.forward = functools.partial(moe_forward, m, m.forward)
 
-    inner = model.forward
+    inner_forward, inner_new_cache = model.forward, model.new_cache
+
+    def new_cache(capacity: int | None = None) -> ContextCache:
+        return ContextCache(inner_new_cache(capacity))
 
     def forward(ids: torch.Tensor, positions: torch.Tensor | None = None, cache: Any = None, *,
                 last_only: bool = False) -> torch.Tensor:
-        if cache is not None:
-            raise LlmkitError("context parallelism runs whole sequences (prefill, scoring); a KV cache under cp is "
-                              "not built: generate without --cp")
+        if cache is not None and not isinstance(cache, ContextCache):
+            raise LlmkitError("under context parallelism the KV cache must come from model.new_cache() "
+                              "(each rank keeps part of the tokens)")
         b, t = ids.shape
-        pos = as_positions(positions if positions is not None else torch.arange(t, device=ids.device), b, t)
-        mine = zigzag(t, cp, rank)
+        if positions is None:
+            steps = torch.arange(t, device=ids.device)
+            positions = cache.last + 1 + steps if cache is not None and cache.seen else steps
+        pos = as_positions(positions, b, t)
+        # the zig-zag split for a first pass of at least cp tokens; every rank runs every token after
+        state["split"] = (cache is None or not cache.seen) and t >= cp
+        if cache is not None:
+            cache.last, cache.seen = pos[:, -1:], cache.seen + t
+        if not state["split"]:
+            state["keeper"] = 0 if cache is None else (cache.steps % cp)
+            if cache is not None:
+                cache.steps += 1
+            return inner_forward(ids, pos, cache, last_only=last_only)
         sizes = [len(zigzag(t, cp, r)) for r in range(cp)]
-        state["width"] = max(sizes)
-        local = inner(ids[:, mine], pos[:, mine])
+        state.update(width=max(sizes), sizes=sizes, length=t)
+        mine = zigzag(t, cp, rank)
+        local = inner_forward(ids[:, mine], pos[:, mine], cache, last_only=last_only)
+        if last_only:
+            # token t-1 is the last one its rank holds (the last chunk is a rank's second)
+            src = next(r for r in range(cp) if int(zigzag(t, cp, r)[-1]) == t - 1)
+            _collective("broadcast", lambda: dist.broadcast(local, src=dist.get_global_rank(group, src)
+                                                            if group is not None else src, group=group))
+            return local
         out = local.new_empty((b, t, local.shape[-1]))
         for r, part in enumerate(_gather_seq(local, state["width"], group)):
             out[:, zigzag(t, cp, r)] = part[:, :sizes[r]]
-        return out[:, -1:] if last_only else out
+        return out
 
     model.forward = forward
+    model.new_cache = new_cache
 
 
 _TP: dict[str, tuple[Callable[[Any, int, int, Any], None], str, str, str]] = {

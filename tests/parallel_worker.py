@@ -24,13 +24,6 @@ import llmkit
 from llmkit import LlmkitError, parallel
 
 
-def _greedy(model: torch.nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy continuation without a cache (what context parallelism runs: whole sequences)."""
-    for _ in range(n):
-        ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
-    return ids
-
-
 def long_context(preset: str, length: int, layout: dict) -> dict:
     """Precision rule against the float64 model at `length` tokens: the sharded float32 model's
     error may be at most 2 x the single-process float32 model's + 2 ulps of the logits' scale."""
@@ -58,20 +51,29 @@ def check(preset: str, layout: dict) -> dict:
             if getattr(m, "kind", None) is not None and m.kind.name == "moe":
                 with torch.no_grad():
                     m.router.zero_()
-    ids = torch.randint(0, model.spec.embedding.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, model.spec.embedding.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    # two prompts of different lengths (left-padded); "window": longer than the sliding window
+    lengths = (21, 17) if variant == "window" else (5, 3)
+    prompts = [ids[0, :lengths[0]].tolist(), ids[1, :lengths[1]].tolist()]
+    ids = ids[:, :11]
     with torch.no_grad():
-        want = model(ids)
-        want_tokens = model.generate(ids[:1, :5], max_new_tokens=8, eos=False)
+        want_tokens = model.generate(prompts, max_new_tokens=8, eos=False)
+        want = model(ids)  # last, so the routing statistics below are this call's
         routing = [m.routing.tokens_per_expert.tolist() for m in model.modules()
                    if getattr(m, "kind", None) is not None and m.kind.name == "moe"]
     lines = parallel.shard(model, layout)
     with torch.no_grad():
-        got = model(ids)
+        got_tokens = model.generate(prompts, max_new_tokens=8, eos=False)
+        kept = None
         if layout.get("cp", 1) > 1:
-            got_tokens = _greedy(model, ids[:1, :5], 8)
-            model(ids)  # routing statistics of the same call as above
-        else:
-            got_tokens = model.generate(ids[:1, :5], max_new_tokens=8, eos=False)
+            # 11 prompt tokens, then 3 decode steps: how many tokens each rank's first cache keeps
+            cache = model.new_cache()
+            model(ids[:1], cache=cache)
+            for _ in range(3):
+                model(ids[:1, :1], cache=cache)
+            kept = [None] * dist.get_world_size()
+            dist.all_gather_object(kept, len(cache[0]))
+        got = model(ids)
         got_routing = [m.routing.tokens_per_expert.tolist() for m in model.modules()
                        if getattr(m, "kind", None) is not None and m.kind.name == "moe"]
     return {
@@ -82,6 +84,7 @@ def check(preset: str, layout: dict) -> dict:
         "routing_equal": routing == got_routing,
         "routing": got_routing,
         "plan": lines,
+        "kept": kept,
     }
 
 

@@ -46,7 +46,7 @@ LAYOUTS = [{"tp": 2}, {"ep": 2}, {"tp": 2, "ep": 2}, {"cp": 2}, {"cp": 2, "cp_mo
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["tp2", "ep2", "tp2xep2", "cp2-ring", "cp2-allgather"])
 def test_sharded_models_match_the_single_process_model(tmp_path: Path, layout: dict) -> None:
     out = tmp_path / "results.json"
-    presets = [p for p in PRESETS if not (layout.get("cp") and p.startswith("tiny-deepseek"))]  # MLA: no cp
+    presets = PRESETS + ["tiny-mistral-7b-v0.1:window"] if layout.get("cp") else PRESETS
     run = _torchrun(tmp_path, 2, str(WORKER), str(out), json.dumps(layout), *presets)
     assert run.returncode == 0, run.stderr[-3000:]
     results = {r["preset"]: r for r in json.loads(out.read_text())}
@@ -54,13 +54,15 @@ def test_sharded_models_match_the_single_process_model(tmp_path: Path, layout: d
     for preset, r in results.items():
         assert r["max_abs_diff"] <= 1e-5, (preset, r)
         assert r["tokens_equal"], (preset, r)
-        # under cp each rank's MoE sees only its tokens, and so do its routing statistics
-        assert r["routing_equal"] or layout.get("cp"), (preset, r)
+        assert r["routing_equal"], (preset, r)
     plan = "\n".join(results["tiny-mixtral-8x7b"]["plan"])
     if layout.get("tp"):
         assert "layers.0.attention [attention@1] tp: q heads 0..1, all_reduce" in plan
         assert "head [head@1] tp: vocab 0..127, all_gather" in plan
     if layout.get("cp"):
+        # zig-zag: rank 0 holds chunks 0 and 3 of 11 tokens (3 + 2), rank 1 chunks 1 and 2 (3 + 3);
+        # the decode steps' tokens are kept by rank 0, 1, 0
+        assert results["tiny-llama-3-8b"]["kept"] == [7, 7]
         assert plan == f"cp ({layout.get('cp_mode', 'ring')}): sequence chunks 0 and 3 of 4 (zig-zag); " \
                        "attention sees every rank's K/V; logits gathered in token order"
     elif layout.get("ep"):
@@ -77,8 +79,8 @@ def test_sharded_models_match_the_single_process_model(tmp_path: Path, layout: d
 
 @pytest.mark.parametrize("mode", ["ring", "allgather"])
 def test_context_parallel_at_thousands_of_tokens_meets_the_precision_rule(tmp_path: Path, mode: str) -> None:
-    # sliding window (mistral), soft-cap (grok-1), plain GQA (llama); float64 model as the oracle
-    cases = ["tiny-mistral-7b-v0.1:2048", "tiny-grok-1:1024", "tiny-llama-3-8b:3001"]
+    # sliding window (mistral), soft-cap (grok-1), plain GQA (llama), MLA (deepseek-v3); float64 model as the oracle
+    cases = ["tiny-mistral-7b-v0.1:2048", "tiny-grok-1:1024", "tiny-llama-3-8b:3001", "tiny-deepseek-v3:1024"]
     out = tmp_path / "results.json"
     run = _torchrun(tmp_path, 2, str(WORKER), str(out), json.dumps({"cp": 2, "cp_mode": mode}), *cases)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -86,14 +88,16 @@ def test_context_parallel_at_thousands_of_tokens_meets_the_precision_rule(tmp_pa
         assert r["e_max"] <= r["threshold"], r
 
 
-def test_torchrun_generate_with_real_weights_prints_the_single_process_text(tmp_path: Path) -> None:
-    # SmolLM2-135M has 3 KV heads: tp=3 (3 processes on this 2-core machine)
+@pytest.mark.parametrize("layout", [["--tp", "3"], ["--cp", "2"]], ids=["tp3", "cp2"])
+def test_torchrun_generate_with_real_weights_prints_the_single_process_text(tmp_path: Path, layout: list[str]) -> None:
+    # SmolLM2-135M has 3 KV heads: tp=3 (3 processes on this 2-core machine); cp=2 splits the
+    # prompt and spreads the KV cache over 2 ranks
     cmd = ["generate", "smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", "12",
            "--no-chat"]
     single = subprocess.run([sys.executable, "-m", "llmkit", *cmd], capture_output=True, text=True, timeout=240,
                             env=_env(), cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
-    sharded = _torchrun(tmp_path, 3, "-m", "llmkit", *cmd, "--tp", "3")
+    sharded = _torchrun(tmp_path, int(layout[1]), "-m", "llmkit", *cmd, *layout)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert single.stdout.strip() and sharded.stdout == single.stdout  # printed once, by rank 0
 
@@ -129,8 +133,7 @@ def test_impossible_layouts_are_refused_with_reasons() -> None:
     assert layout_reasons(llama, Parallel(cp=2)) == []
     assert any("context parallelism combined with tp or ep is not built yet" in r
                for r in layout_reasons(llama, Parallel(tp=2, cp=2)))
-    assert any("mla attention under context parallelism is not built" in r
-               for r in layout_reasons(load_spec("tiny-deepseek-v3"), Parallel(cp=2)))
+    assert layout_reasons(load_spec("tiny-deepseek-v3"), Parallel(cp=2)) == []
     assert any("splits over separate rank groups" in r for r in layout_reasons(load_spec("tiny-mixtral-8x7b"),
                                                                              Parallel(tp=2, ep=4)))
     assert layout_reasons(load_spec("tiny-mixtral-8x7b"), Parallel(tp=2, ep=2)) == []
@@ -154,3 +157,81 @@ def test_build_refuses_before_any_process_group_work(monkeypatch: pytest.MonkeyP
         llmkit.build("tiny-llama-3-8b", parallel={"tp": 2})
     assert not dist.is_initialized()
     assert llmkit.build("tiny-llama-3-8b", policy="reference", parallel={"tp": 1}).parallel_plan == []
+
+
+@pytest.fixture(scope="module")
+def mixtral_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 4-expert transformers Mixtral with weights of std 0.1 (greedy picks are no near-ties)."""
+    import torch
+    import transformers
+
+    config = transformers.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        num_local_experts=4, num_experts_per_tok=2, bos_token_id=None,
+                                        eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    model.save_pretrained(path)
+    return path
+
+
+def _rows(record: dict, engine: str, phase: str) -> list[list[dict]]:
+    return [r[phase] for r in record["engines"][engine]["profile"]["ranks"]]
+
+
+def test_bench_nproc_splits_each_block_into_compute_and_communication(mixtral_checkpoint: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmkit.bench import bench, render
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    record = bench(mixtral_checkpoint, policy="reference", prompt_len=12, gen_len=4, repeats=1, baselines=(), threads=1, nproc=2,
+                   parallel={"ep": 2})
+    single, sharded = record["engines"]["llmkit"], record["engines"]["llmkit x2"]
+    assert "error" not in sharded, sharded["error"]
+    assert record["workload"]["parallel"] == {"nproc": 2, "tp": 1, "ep": 2, "cp": 1, "cp_mode": "ring"}
+    assert sharded["agree_tokens"] == 4 and sharded["decode_tok_s"] > 0 and len(sharded["peak_rss_mib_ranks"]) == 2
+    assert record["ratios"]["llmkit x2"]["decode_ratio"] == single["decode_tok_s"] / sharded["decode_tok_s"]
+    for phase in ("prefill", "decode"):
+        (alone,) = _rows(record, "llmkit", phase)
+        assert all(not row["comm_s"] for row in alone)  # one process: no collectives
+        for rank in _rows(record, "llmkit x2", phase):
+            by_block = {row["block"]: row for row in rank}
+            assert [row["block"] for row in rank] == [row["block"] for row in alone]
+            for i in range(2):
+                moe, attention = by_block[f"layers.{i}.mlp"], by_block[f"layers.{i}.attention"]
+                assert moe["comm_s"]["all_to_all_single"] > 0 and not attention["comm_s"]  # ep: attention is whole
+                # a layer's time holds its blocks', and its collectives are those of its moe
+                assert by_block[f"layers.{i}"]["time_s"] >= moe["time_s"] + attention["time_s"]
+                assert by_block[f"layers.{i}"]["comm_s"] == moe["comm_s"]
+                assert moe["time_s"] >= sum(moe["comm_s"].values())
+    text = "\n".join(str(x) for x in render(record).renderables)
+    assert "per block, decode (per decode step)" in str(render(record).renderables[-1].title) and text
+
+
+def test_torchrun_bench_measures_the_shards_and_rank_0_reports(mixtral_checkpoint: Path, tmp_path: Path) -> None:
+    run = _torchrun(tmp_path, 2, "-m", "llmkit", "bench", str(mixtral_checkpoint), "--tp", "2", "--policy", "reference", "--prompt-len", "12",
+                    "--gen-len", "4", "--repeats", "1", "--baseline", "none", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(run.stdout)  # printed once, by rank 0
+    assert list(record["engines"]) == ["llmkit x2"] and record["workload"]["parallel"]["tp"] == 2
+    for rank in _rows(record, "llmkit x2", "decode"):
+        by_block = {row["block"]: row for row in rank}
+        assert by_block["layers.0.attention"]["comm_s"]["all_reduce"] > 0  # tp: partial outputs summed
+        assert by_block["head"]["comm_s"]["all_gather"] > 0  # vocab-parallel logits joined
+
+
+@pytest.mark.parametrize("nproc, layout, message", [
+    (2, {"tp": 3}, r"--nproc 2 needs a layout over 2 ranks \(--tp/--ep/--cp 2\), got tp=3 ep=1 cp=1"),
+    (1, {}, "nproc must be >= 2"),
+    (None, {"tp": 2}, r"a parallel layout \(tp=2 ep=1 cp=1\) needs --nproc N here"),
+])
+def test_bench_refuses_a_layout_that_does_not_fit_nproc(nproc: int | None, layout: dict, message: str) -> None:
+    from llmkit.bench import bench
+
+    with pytest.raises(LlmkitError, match=message):
+        bench("unused", nproc=nproc, parallel=layout)
