@@ -61,12 +61,21 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant", default=None, choices=("int8", "int4"),
                    help="weight-only quantisation of the linears, by the impls that support it "
                         "(cpu: attention, mlp, head; fastest with --dtype bfloat16)")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (run under torchrun)")
-    g.add_argument("--ep", type=int, default=1, help="expert-parallel degree (run under torchrun)")
-    g.add_argument("--cp", type=int, default=1,
-                   help="context-parallel degree (run under torchrun): the prompt split across ranks, the KV cache spread over them")
-    g.add_argument("--cp-mode", default="ring", choices=("ring", "allgather"),
-                   help="how context parallelism moves K/V (default: ring)")
+    g.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel degree (run under torchrun; default: the spec's, else 1)")
+    g.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel degree (run under torchrun; default: the spec's, else 1)")
+    g.add_argument("--cp", type=int, default=None,
+                   help="context-parallel degree (run under torchrun): the prompt split across ranks, the KV cache "
+                        "spread over them (default: the spec's, else 1)")
+    g.add_argument("--cp-mode", default=None, choices=("ring", "allgather"),
+                   help="how context parallelism moves K/V (default: the spec's, else ring)")
+
+
+def parallel_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The layout keys given on the command line (the spec's fill the others)."""
+    given = {"tp": args.tp, "ep": args.ep, "cp": args.cp, "cp_mode": args.cp_mode}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def target_from_args(args: argparse.Namespace, registry: Any) -> tuple[Any, Selection]:
@@ -132,7 +141,7 @@ def cmd_build(args: argparse.Namespace, console: Console) -> int:
     facts = dict(_kv(f, "--fact") for f in args.fact) if args.fact else None
     model = build(args.spec, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
                   impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs, seed=args.seed, facts=facts,
-                  mode=args.mode, quant=args.quant, parallel={"tp": args.tp, "ep": args.ep, "cp": args.cp, "cp_mode": args.cp_mode},
+                  mode=args.mode, quant=args.quant, parallel=parallel_from_args(args),
                   registry=registry)
     assert model.plan is not None
     if args.json:
@@ -177,7 +186,7 @@ def _load_for_generation(args: argparse.Namespace) -> Any:
 
     model = load(args.source, backend=args.backend, dtype=args.dtype, device=args.device, policy=args.policy,
                  impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs, quant=args.quant,
-                 parallel={"tp": args.tp, "ep": args.ep, "cp": args.cp, "cp_mode": args.cp_mode})
+                 parallel=parallel_from_args(args))
     if model.tokenizer is None:
         raise LlmkitError(f"{args.source}: the checkpoint has no tokenizer, so text cannot be generated")
     return model
@@ -272,7 +281,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     names = [b.strip() for b in args.baseline.split(",") if b.strip()]
     baselines = [] if names == ["none"] else names
     err = Console(stderr=True)
-    layout = {"tp": args.tp, "ep": args.ep, "cp": args.cp, "cp_mode": args.cp_mode}
+    layout = parallel_from_args(args)
     if env_world() is not None:
         # launched by torchrun: every rank measures its shard here; rank 0 reports
         if args.nproc is not None:

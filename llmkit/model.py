@@ -174,9 +174,13 @@ def build(
 
 
 def check_parallel(spec: Spec, parallel: Any) -> Any:
-    """The layout, refused with every reason before any process-group work; None when trivial."""
+    """The layout (the caller's `parallel` key by key over the spec's), refused with every reason
+    before any process-group work; None when trivial."""
     from .parallel import Parallel, env_world, layout_reasons
 
+    if not isinstance(parallel, Parallel):
+        # the caller's keys over the spec's
+        parallel = {**(spec.parallel or {}), **(parallel or {})}
     layout = Parallel.make(parallel)
     if layout.trivial:
         return None

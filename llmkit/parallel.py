@@ -9,7 +9,9 @@ and GShard / DeepSpeed-MoE for expert parallelism:
 
 - attention (tp): the rank's q heads and their kv heads (column split of Wq/Wk/Wv, or of each
   part of a fused Wqkv), its columns of Wo; the partial outputs are summed with `all_reduce`
-  (the output bias lives on rank 0 only). The KV cache holds the rank's kv heads.
+  (the output bias lives on rank 0 only). The KV cache holds the rank's kv heads. With fewer KV
+  heads than ranks (tp a multiple of n_kv_heads) each rank keeps a copy of the one KV head its q
+  heads share (Megatron's and vLLM's KV-head replication).
 - mlp (tp): column split of W_gate/W_up, row split of W_down, `all_reduce` of the outputs.
 - embedding and head (tp, vocab-parallel): each rank holds a contiguous vocab slice; ids outside
   it embed to 0 and the embeddings are summed with `all_reduce`; logits slices are joined with
@@ -33,9 +35,13 @@ and GShard / DeepSpeed-MoE for expert parallelism:
   and one rank per step (round-robin) keeps the new token's K/V. So the cache is spread evenly
   and no rank ever holds another's. MoE routing statistics are redone over all tokens.
 
-Layouts: every rank takes part in each split that is > 1, so tp, ep and cp are each 1 or the world
-size (tp=2 x ep=2 runs on 2 ranks: attention split by heads, experts by ranges); splits over
-separate rank groups, and cp combined with tp or ep, are refused with that reason.
+Layouts: either every split > 1 spans all ranks (tp, ep and cp each 1 or the world size; tp=2 x
+ep=2 on 2 ranks: attention split by heads, experts by ranges, on the same ranks), or, for tp x ep
+ranks, a grid (Megatron-Core's expert tensor parallelism): rank = e * tp + t, tp groups are the
+rows (attention, MLP, embedding and head split as above; every row computes the same tokens), ep
+groups the columns (experts split in ranges over a column, each expert's hidden split over its
+row, the partial expert outputs summed in the row before they travel back). cp combined with tp
+or ep is refused with that reason.
 `layout_reasons` checks a layout against a spec before any process-group work.
 """
 
@@ -104,6 +110,13 @@ class Parallel:
     def trivial(self) -> bool:
         return self.world == 1
 
+    def mesh(self, world: int | None) -> bool:
+        """Whether `world` ranks run this layout as a grid of ep groups x tp groups (rank =
+        e * tp + t): tp > 1 and ep > 1 over tp * ep ranks. Otherwise every split > 1 spans all
+        ranks (tp=2 x ep=2 on 2 ranks: attention split by heads, experts by ranges, same ranks)."""
+        return world is not None and self.tp > 1 and self.ep > 1 and self.cp == 1 and world == self.tp * self.ep \
+            and world != self.world
+
     def __str__(self) -> str:
         return f"tp={self.tp} ep={self.ep} cp={self.cp}" + (f" ({self.cp_mode})" if self.cp > 1 else "")
 
@@ -112,14 +125,18 @@ def layout_reasons(spec: Any, parallel: Parallel, world: int | None = None) -> l
     """Why `parallel` cannot run `spec` (on `world` ranks, when given); empty when it can."""
     p = parallel
     reasons = []
-    if world is not None and world != p.world:
-        reasons.append(f"{p} needs {p.world} ranks, the process group has {world}")
+    mesh = p.mesh(world)
+    if world is not None and world != p.world and not mesh:
+        reasons.append(f"{p} needs {p.world} ranks" + (f" (or {p.tp * p.ep}: tp groups x ep groups)"
+                                                       if p.tp > 1 and p.ep > 1 else "")
+                       + f", the process group has {world}")
     if p.cp > 1 and (p.tp > 1 or p.ep > 1):
         reasons.append(f"{p}: context parallelism combined with tp or ep is not built yet")
-    for name, degree in (("tp", p.tp), ("ep", p.ep), ("cp", p.cp)):
-        if degree not in (1, p.world):
-            reasons.append(f"{name}={degree} on {p.world} ranks: splits over separate rank groups (e.g. tp=2 x ep=2 "
-                           "on 4 ranks) are not built yet; use 1 or the world size")
+    if not mesh:
+        for name, degree in (("tp", p.tp), ("ep", p.ep), ("cp", p.cp)):
+            if degree not in (1, p.world):
+                reasons.append(f"{name}={degree} on {p.world} ranks: each degree is 1 or the world size, or tp x ep "
+                               "is the world size (tp groups x ep groups)")
     if p.tp > 1:
         if spec.embedding.vocab_size % p.tp:
             reasons.append(f"embedding: vocab_size {spec.embedding.vocab_size} is not divisible by tp={p.tp}")
@@ -128,9 +145,9 @@ def layout_reasons(spec: Any, parallel: Parallel, world: int | None = None) -> l
     for i, layer in enumerate(spec.layers):
         att, ffn = layer.attention, layer.mlp
         if p.tp > 1 and getattr(att, "type", None) == "attention":
-            if att.n_kv_heads % p.tp:
-                reasons.append(f"layer {i} attention: n_kv_heads {att.n_kv_heads} is not divisible by tp={p.tp} "
-                               "(replicating KV heads is not built)")
+            if att.n_kv_heads % p.tp and p.tp % att.n_kv_heads:
+                reasons.append(f"layer {i} attention: n_kv_heads {att.n_kv_heads} and tp={p.tp}: neither divides the "
+                               "other (KV heads are split, or replicated when tp is a multiple of them)")
             elif att.n_heads % p.tp:
                 reasons.append(f"layer {i} attention: n_heads {att.n_heads} is not divisible by tp={p.tp}")
         if p.cp > 1 and getattr(att, "type", None) not in ("attention", "mla"):
@@ -139,6 +156,9 @@ def layout_reasons(spec: Any, parallel: Parallel, world: int | None = None) -> l
         if p.tp > 1 and getattr(ffn, "type", None) == "mlp" and ffn.hidden % p.tp:
             reasons.append(f"layer {i} mlp: hidden {ffn.hidden} is not divisible by tp={p.tp}")
         if p.ep > 1 and getattr(ffn, "type", None) == "moe":
+            if mesh and ffn.hidden % p.tp:
+                reasons.append(f"layer {i} moe: expert hidden {ffn.hidden} is not divisible by tp={p.tp} "
+                               "(each expert is split across its tp group)")
             if ffn.n_experts % p.ep:
                 reasons.append(f"layer {i} moe: n_experts {ffn.n_experts} is not divisible by ep={p.ep}")
             if ffn.capacity_factor is not None:
@@ -305,17 +325,30 @@ def _wrap(block: nn.Module, after: Callable[[Callable[..., Any]], Callable[..., 
 def _shard_attention(block: Any, rank: int, tp: int, group: Any) -> None:
     c = block.config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    if c.n_kv_heads % tp:
+        # fewer KV heads than ranks (tp a multiple of n_kv_heads): the rank's q heads all share one
+        # KV head, which it keeps a copy of (replicated over tp / n_kv_heads ranks)
+        def kv_part(t: torch.Tensor) -> torch.Tensor:
+            return _rows(t, rank // (tp // c.n_kv_heads), c.n_kv_heads)
+    else:
+        def kv_part(t: torch.Tensor) -> torch.Tensor:
+            return _rows(t, rank, tp)
     if c.fused_qkv:
         for name in ("wqkv", "bqkv") if c.qkv_bias else ("wqkv",):
             wq, wk, wv = getattr(block, name).split([q, kv, kv], dim=0)
-            _keep(block, name, torch.cat([_rows(t, rank, tp) for t in (wq, wk, wv)]))
+            _keep(block, name, torch.cat([_rows(wq, rank, tp), kv_part(wk), kv_part(wv)]))
     else:
-        for name in ("wq", "wk", "wv", *(("bq", "bk", "bv") if c.qkv_bias else ())):
-            _keep(block, name, _rows(getattr(block, name), rank, tp))
+        _keep(block, "wq", _rows(block.wq, rank, tp))
+        for name in ("wk", "wv"):
+            _keep(block, name, kv_part(getattr(block, name)))
+        if c.qkv_bias:
+            _keep(block, "bq", _rows(block.bq, rank, tp))
+            for name in ("bk", "bv"):
+                _keep(block, name, kv_part(getattr(block, name)))
     _keep(block, "wo", _rows(block.wo, rank, tp, dim=1))
     if c.o_bias and rank:
         _keep(block, "bo", torch.zeros_like(block.bo))  # added once, by rank 0's part of the sum
-    block.config = c.model_copy(update={"n_heads": c.n_heads // tp, "n_kv_heads": c.n_kv_heads // tp})
+    block.config = c.model_copy(update={"n_heads": c.n_heads // tp, "n_kv_heads": max(1, c.n_kv_heads // tp)})
 
     def after(inner: Callable[..., Any]) -> Callable[..., Any]:
         def forward(x: torch.Tensor, positions: torch.Tensor, cache: Any = None) -> torch.Tensor:
@@ -372,7 +405,11 @@ def _shard_head(block: Any, rank: int, tp: int, group: Any) -> None:
     _wrap(block, after)
 
 
-def _shard_moe(block: Any, rank: int, ep: int, group: Any) -> None:
+def _shard_moe(block: Any, rank: int, ep: int, group: Any, tp: tuple[int, int, Any] | None = None) -> None:
+    """Experts split in contiguous ranges over the ep group; with `tp` (rank, size, group of the
+    tp peers, which hold the same range and see the same rows) each expert's hidden is split
+    across them too (column split of W_gate/W_up, row split of W_down) and the partial expert
+    outputs are summed with `all_reduce` in the tp group before they travel back."""
     from llmkit_blocks import moe as _moe
 
     c = block.config
@@ -380,6 +417,14 @@ def _shard_moe(block: Any, rank: int, ep: int, group: Any) -> None:
     for name in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"):
         if name in block._parameters:
             _keep(block, name, _rows(getattr(block, name), rank, ep))
+    if tp is not None:
+        t, size, _ = tp
+        for name in ("w_gate", "w_up", "b_gate", "b_up"):
+            if name in block._parameters:
+                _keep(block, name, _rows(getattr(block, name), t, size, dim=1))
+        _keep(block, "w_down", _rows(block.w_down, t, size, dim=2))
+        if c.expert_bias and t:
+            _keep(block, "b_down", torch.zeros_like(block.b_down))  # added once, by tp rank 0's part
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         h = x.reshape(-1, c.d_model)
@@ -402,6 +447,8 @@ def _shard_moe(block: Any, rank: int, ep: int, group: Any) -> None:
         for e in range(per):
             at = (local_id == e).nonzero(as_tuple=True)[0]
             y[at] = _moe.expert(block, e, rows.index_select(0, at))
+        if tp is not None:
+            y = _all_reduce(y, tp[2])
         back = _exchange(y, recv_sizes, send_sizes, group)
         out = torch.zeros_like(mine)
         out.index_add_(0, token, back * weights.flatten()[order, None].to(x.dtype))
@@ -705,6 +752,16 @@ def shard(model: nn.Module, parallel: Parallel | Mapping[str, Any], group: Any =
     if reasons:
         raise LlmkitError(f"parallel layout {p} refused: " + "; ".join(reasons))
     rank = dist.get_rank(group)
+    tp_rank = ep_rank = rank
+    tp_group = ep_group = group
+    if p.mesh(world):
+        # rank = e * tp + t: tp groups are rows, ep groups columns (every rank creates every group,
+        # in the same order, as torch.distributed.new_group requires)
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+        ep_rank, tp_rank = divmod(rank, p.tp)
+        rows = [dist.new_group([ranks[e * p.tp + t] for t in range(p.tp)]) for e in range(p.ep)]
+        cols = [dist.new_group([ranks[e * p.tp + t] for e in range(p.ep)]) for t in range(p.tp)]
+        tp_group, ep_group = rows[ep_rank], cols[tp_rank]
     target = model.plan.target if getattr(model, "plan", None) is not None else None
     lines = []
     blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, Block)]
@@ -722,13 +779,17 @@ def shard(model: nn.Module, parallel: Parallel | Mapping[str, Any], group: Any =
             pass
         elif kind in _TP and p.tp > 1:
             split, label, field, collective = _TP[kind]
-            split(m, rank, p.tp, group)
+            split(m, tp_rank, p.tp, tp_group)
             size = getattr(m.config, field)
-            what = f"tp: {label} {rank * size}..{(rank + 1) * size - 1}, {collective}"
+            what = f"tp: {label} {tp_rank * size}..{(tp_rank + 1) * size - 1}, {collective}"
         elif kind == "moe" and p.ep > 1:
             per = m.config.n_experts // p.ep
-            _shard_moe(m, rank, p.ep, group)
-            what = f"ep: experts {rank * per}..{(rank + 1) * per - 1}, all_to_all_single dispatch"
+            mesh = (tp_rank, p.tp, tp_group) if p.mesh(world) else None
+            _shard_moe(m, ep_rank, p.ep, ep_group, mesh)
+            what = f"ep: experts {ep_rank * per}..{(ep_rank + 1) * per - 1}, all_to_all_single dispatch"
+            if mesh:
+                size = m.config.hidden // p.tp
+                what += f"; tp: expert hidden {tp_rank * size}..{(tp_rank + 1) * size - 1}, all_reduce"
         if what != "replicated" and kind != "moe" and target is not None and m.impl.prepare is not None:
             m.impl.prepare(m, target)  # the impl's build-time work, redone for the shard's config
         lines.append(f"{path or '(model)'} [{m.kind.id}] {what}")

@@ -163,6 +163,7 @@ class _Top(BaseModel):
     deny: dict[str, str | list[str]] = Field(default_factory=dict)
     policy: str | None = None
     certs: list[str] | None = None
+    parallel: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- the result
@@ -190,6 +191,9 @@ class Spec:
     certs: tuple[str, ...] | None = None
     """Certificate files or directories to consult instead of the default directory (relative ones
     already resolved against the spec file that names them)."""
+    parallel: Mapping[str, Any] | None = None
+    """The multi-process layout (`llmkit.parallel`: tp, ep, cp, cp_mode) `llmkit.build` and
+    `llmkit.load` use, key by key, unless the caller names one."""
     source: str | None = None
     file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -573,6 +577,14 @@ def load_spec(source: str | Path | Mapping[str, Any], registry: Any = None) -> S
         f, line = src.origin(("policy",))
         issues.append(SpecIssue(f, line, "policy", str(UnknownNameError("policy", top.policy, POLICIES))))
     certs = None if top.certs is None else tuple(_cert_path(src, i, ref, issues) for i, ref in enumerate(top.certs))
+    if top.parallel is not None:
+        from .parallel import Parallel
+
+        try:
+            Parallel.make(top.parallel)
+        except LlmkitError as exc:
+            f, line = src.origin(("parallel",))
+            issues.append(SpecIssue(f, line, "parallel", str(exc)))
 
     if issues:
         raise SpecError(issues)
@@ -580,5 +592,5 @@ def load_spec(source: str | Path | Mapping[str, Any], registry: Any = None) -> S
         name=top.name, vocab_size=top.vocab_size, d_model=top.d_model, n_layers=top.n_layers,
         max_seq_len=top.max_seq_len, dtype=top.dtype, dtypes=dict(top.dtypes), embedding=embedding, layers=tuple(layers),
         final_norm=final_norm, head=head, impl=dict(top.impl), deny=dict(top.deny), policy=top.policy,
-        certs=certs, source=top.source, file=src.file, raw=src.data,
+        certs=certs, parallel=top.parallel, source=top.source, file=src.file, raw=src.data,
     )

@@ -137,6 +137,8 @@ def test_grouped_gemm_moe_range() -> None:
     ("NVIDIA A100-SXM4-40GB", 39.4, "A100 40GB"), ("NVIDIA A100-PCIE-40GB", 39.4, "A100 40GB"),
     ("NVIDIA A100-SXM4-80GB", 79.2, "A100 80GB SXM"), ("NVIDIA A100 80GB PCIe", 79.2, "A100 80GB PCIe"),
     ("NVIDIA L4", 22.0, "L4"), ("NVIDIA L40S", 44.4, "L40S"), ("NVIDIA GeForce RTX 4090", 23.6, "GeForce RTX 4090"),
+    # GH200 is an H100-class GPU with its own memory: it must not take the H200's bandwidth
+    ("NVIDIA GH200 480GB", 95.0, "GH200 96GB HBM3"), ("NVIDIA GH200 144G HBM3e", 143.0, "GH200 144GB HBM3e"),
 ])
 def test_device_names_find_their_datasheet_row(name, gib, entry) -> None:
     found = peaks.lookup(peaks.NVIDIA, name, {"total_memory_gib": gib})

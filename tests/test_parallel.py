@@ -40,14 +40,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-LAYOUTS = [{"tp": 2}, {"ep": 2}, {"tp": 2, "ep": 2}, {"cp": 2}, {"cp": 2, "cp_mode": "allgather"}]
+LAYOUTS = [({"tp": 2}, 2), ({"tp": 4}, 4), ({"ep": 2}, 2), ({"tp": 2, "ep": 2}, 2), ({"tp": 2, "ep": 2}, 4),
+           ({"cp": 2}, 2), ({"cp": 2, "cp_mode": "allgather"}, 2)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["tp2", "ep2", "tp2xep2", "cp2-ring", "cp2-allgather"])
-def test_sharded_models_match_the_single_process_model(tmp_path: Path, layout: dict) -> None:
+# tp4: 4 ranks, 2 KV heads (each rank keeps a copy of the KV head its q head uses)
+@pytest.mark.parametrize("layout, nproc", LAYOUTS, ids=["tp2", "tp4-kv-replicated", "ep2", "tp2xep2-shared",
+                                                       "tp2xep2-grid", "cp2-ring", "cp2-allgather"])
+def test_sharded_models_match_the_single_process_model(tmp_path: Path, layout: dict, nproc: int) -> None:
     out = tmp_path / "results.json"
     presets = PRESETS + ["tiny-mistral-7b-v0.1:window"] if layout.get("cp") else PRESETS
-    run = _torchrun(tmp_path, 2, str(WORKER), str(out), json.dumps(layout), *presets)
+    run = _torchrun(tmp_path, nproc, str(WORKER), str(out), json.dumps(layout), *presets)
     assert run.returncode == 0, run.stderr[-3000:]
     results = {r["preset"]: r for r in json.loads(out.read_text())}
     assert sorted(results) == sorted(presets)
@@ -57,14 +60,19 @@ def test_sharded_models_match_the_single_process_model(tmp_path: Path, layout: d
         assert r["routing_equal"], (preset, r)
     plan = "\n".join(results["tiny-mixtral-8x7b"]["plan"])
     if layout.get("tp"):
-        assert "layers.0.attention [attention@1] tp: q heads 0..1, all_reduce" in plan
-        assert "head [head@1] tp: vocab 0..127, all_gather" in plan
+        per = 4 // layout["tp"]
+        assert f"layers.0.attention [attention@1] tp: q heads 0..{per - 1}, all_reduce" in plan
+        assert f"head [head@1] tp: vocab 0..{256 // layout['tp'] - 1}, all_gather" in plan
     if layout.get("cp"):
         # zig-zag: rank 0 holds chunks 0 and 3 of 11 tokens (3 + 2), rank 1 chunks 1 and 2 (3 + 3);
         # the decode steps' tokens are kept by rank 0, 1, 0
         assert results["tiny-llama-3-8b"]["kept"] == [7, 7]
         assert plan == f"cp ({layout.get('cp_mode', 'ring')}): sequence chunks 0 and 3 of 4 (zig-zag); " \
                        "attention sees every rank's K/V; logits gathered in token order"
+    elif layout.get("ep") and nproc == 4:
+        # rank 0 = (ep group 0, tp rank 0): experts 0..3, the first half of each one's hidden
+        assert "layers.0.mlp [moe@1] ep: experts 0..3, all_to_all_single dispatch; tp: expert hidden 0..63, " \
+               "all_reduce" in plan
     elif layout.get("ep"):
         assert "layers.0.mlp [moe@1] ep: experts 0..3, all_to_all_single dispatch" in plan
         # the zero router scores all experts alike, so every token goes to the same two experts,
@@ -128,15 +136,22 @@ def test_impossible_layouts_are_refused_with_reasons() -> None:
     llama = load_spec("tiny-llama-3-8b")
     reasons = layout_reasons(llama, Parallel(tp=3))
     assert "embedding: vocab_size 256 is not divisible by tp=3" in reasons
-    assert any("n_kv_heads 2 is not divisible by tp=3 (replicating KV heads is not built)" in r for r in reasons)
+    assert any("n_kv_heads 2 and tp=3: neither divides the other" in r for r in reasons)
+    assert layout_reasons(llama, Parallel(tp=4), world=4) == []  # KV heads replicated
     assert layout_reasons(llama, Parallel(tp=2), world=4) == ["tp=2 ep=1 cp=1 needs 2 ranks, the process group has 4"]
     assert layout_reasons(llama, Parallel(cp=2)) == []
     assert any("context parallelism combined with tp or ep is not built yet" in r
                for r in layout_reasons(llama, Parallel(tp=2, cp=2)))
     assert layout_reasons(load_spec("tiny-deepseek-v3"), Parallel(cp=2)) == []
-    assert any("splits over separate rank groups" in r for r in layout_reasons(load_spec("tiny-mixtral-8x7b"),
-                                                                             Parallel(tp=2, ep=4)))
-    assert layout_reasons(load_spec("tiny-mixtral-8x7b"), Parallel(tp=2, ep=2)) == []
+    mixtral = load_spec("tiny-mixtral-8x7b")
+    assert any("each degree is 1 or the world size, or tp x ep is the world size" in r
+               for r in layout_reasons(mixtral, Parallel(tp=2, ep=4)))
+    assert layout_reasons(mixtral, Parallel(tp=2, ep=2)) == []
+    assert layout_reasons(mixtral, Parallel(tp=2, ep=2), world=4) == []  # the 2 x 2 grid
+    assert layout_reasons(mixtral, Parallel(tp=2, ep=2), world=3) == [
+        "tp=2 ep=2 cp=1 needs 2 ranks (or 4: tp groups x ep groups), the process group has 3"]
+    assert any("expert hidden 128 is not divisible by tp=3 (each expert is split across its tp group)" in r
+               for r in layout_reasons(mixtral, Parallel(tp=3, ep=2), world=6))
     assert any("n_experts 8 is not divisible by ep=3" in r
                for r in layout_reasons(load_spec("tiny-mixtral-8x7b"), Parallel(ep=3)))
     with pytest.raises(LlmkitError, match="unknown key"):
@@ -145,6 +160,26 @@ def test_impossible_layouts_are_refused_with_reasons() -> None:
         Parallel.make({"tp": 0})
     with pytest.raises(LlmkitError, match="cp_mode must be one of ring, allgather"):
         Parallel.make({"cp": 2, "cp_mode": "tree"})
+
+
+def test_a_spec_names_its_layout_and_the_caller_overrides_it_key_by_key(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmkit import SpecError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    spec = tmp_path / "llama-tp2.yaml"
+    spec.write_text("extends: tiny-llama-3-8b\nname: llama-tp2\nparallel: {tp: 2}\n")
+    assert load_spec(spec).parallel == {"tp": 2}
+    with pytest.raises(LlmkitError, match=r"parallel layout tp=2 ep=1 cp=1 needs 2 processes"):
+        llmkit.build(spec, policy="reference")
+    assert llmkit.build(spec, policy="reference", parallel={"tp": 1}).parallel_plan == []
+    run = _torchrun(tmp_path, 2, "-m", "llmkit", "build", str(spec), "--policy", "reference")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "layers.0.attention [attention@1] tp: q heads 0..1, all_reduce" in run.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: tiny-llama-3-8b\nname: bad\nparallel:\n  tp: 2\n  pp: 2\n")
+    with pytest.raises(SpecError, match=r"bad.yaml:3: parallel: parallel: unknown key\(s\) pp"):
+        load_spec(bad)
 
 
 def test_build_refuses_before_any_process_group_work(monkeypatch: pytest.MonkeyPatch) -> None:
