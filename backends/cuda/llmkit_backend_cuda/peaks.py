@@ -56,10 +56,15 @@ def _name_has(*parts: str, absent: tuple[str, ...] = (), min_gib: float | None =
 
 _F64, _F32, _F16, _BF16, _F8 = torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn
 
-# Order matters: the first entry that matches the device name wins (H200 NVL before H200, L40S before L4).
+# Order matters: the first entry that matches the device name wins (H200 NVL before H200, GH200 before
+# H200, L40S before L4).
 NVIDIA: tuple[DevicePeaks, ...] = (
     DevicePeaks("H200 NVL", {_F64: 60, _F32: 60, _F16: 835.5, _BF16: 835.5, _F8: 1670.5}, 4.8,
                 "NVIDIA H200 Tensor Core GPU datasheet (H200 NVL column)", _name_has("H200", "NVL")),
+    DevicePeaks("GH200 144GB HBM3e", {_F64: 67, _F32: 67, _F16: 989.5, _BF16: 989.5, _F8: 1979}, 4.9,
+                "NVIDIA GH200 Grace Hopper Superchip datasheet (HBM3e variant)", _name_has("GH200", min_gib=120)),
+    DevicePeaks("GH200 96GB HBM3", {_F64: 67, _F32: 67, _F16: 989.5, _BF16: 989.5, _F8: 1979}, 4.0,
+                "NVIDIA GH200 Grace Hopper Superchip datasheet (HBM3 variant)", _name_has("GH200")),
     DevicePeaks("H200 SXM", {_F64: 67, _F32: 67, _F16: 989.5, _BF16: 989.5, _F8: 1979}, 4.8,
                 "NVIDIA H200 Tensor Core GPU datasheet (H200 SXM column)", _name_has("H200")),
     DevicePeaks("H100 NVL", {_F64: 60, _F32: 60, _F16: 835.5, _BF16: 835.5, _F8: 1670.5}, 3.9,

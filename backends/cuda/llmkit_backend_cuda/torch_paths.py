@@ -6,14 +6,19 @@
   reference's (llmkit_blocks.attention): plain causal prefill uses `is_causal`; padding, cached
   keys and sliding windows use a boolean mask built per block of queries; a query that sees no key
   outputs 0 (SDPA would give NaN). Soft-capped logits cannot be expressed through SDPA: that
-  config is left to the Triton kernel. GQA: `enable_gqa` on the causal half-precision path
-  (FlashAttention supports it); elsewhere K/V heads are repeated, since the memory-efficient and
-  cuDNN kernels do not take `enable_gqa` in every PyTorch release.
+  config is left to the Triton kernel. GQA: `enable_gqa` on the causal half-precision path on
+  NVIDIA sm_80+ (FlashAttention takes it); elsewhere K/V heads are repeated, since the
+  memory-efficient kernel refuses grouped heads (PyTorch's sdp_utils: no GQA support) and flash
+  needs sm_80, so on a T4 `enable_gqa` would leave no kernel. Under `torch.compile` the
+  data-dependent shortcuts (plain causal, nothing masked) are skipped: the masked path is exact
+  for every case and needs no host synchronisation.
 - `fused_norm_forward` (`norm@1`): `F.rms_norm` / `F.layer_norm`, one fused CUDA kernel each, on
   the upcast input, with the reference's cast rule (before or after the weight).
 - `grouped_moe_forward` (`moe@1`): the catalogue's router, then the N*k (token, expert) rows
   sorted by expert and three grouped GEMMs (`torch._grouped_mm`, public as `F.grouped_mm`) over
-  the jagged groups: gate, up and down projections of every expert in one launch each.
+  the jagged groups: gate, up and down projections of every expert. PyTorch runs each as one
+  CUTLASS launch on sm_90/sm_100 (and with CK on gfx942/gfx950); elsewhere its fallback copies
+  the group offsets to the host and loops over the groups (exact, but a synchronisation per GEMM).
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Ten
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
 
+def _flash_gqa(q: torch.Tensor) -> bool:
+    """Whether SDPA may be handed grouped K/V heads (`enable_gqa`): FlashAttention on NVIDIA sm_80+."""
+    return q.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(q.device) >= (8, 0)
+
+
 def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, *,
                 scale: float, causal: bool, window: int | None,
                 kernels: Sequence[SDPBackend] | None) -> torch.Tensor:
@@ -55,11 +65,12 @@ def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
     masking logic is tested on a CPU)."""
     t, s = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
+    tracing = torch.compiler.is_compiling()
     context = sdpa_kernel(list(kernels)) if kernels is not None else nullcontext()
     with context:
-        plain = causal and window is None and s == t and bool((q_pos >= 0).all())
+        plain = not tracing and causal and window is None and s == t and bool((q_pos >= 0).all())
         if plain and (t == 1 or bool((q_pos[:, 1:] > q_pos[:, :-1]).all())):
-            if q.dtype in (torch.float16, torch.bfloat16):
+            if q.dtype in (torch.float16, torch.bfloat16) and (groups == 1 or _flash_gqa(q)):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=scale, enable_gqa=groups > 1)
             kr, vr = _repeat_kv(k, v, groups)
             return F.scaled_dot_product_attention(q, kr, vr, is_causal=t > 1, scale=scale)
@@ -69,7 +80,7 @@ def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
         for start in range(0, t, step):
             ok = _attn.visible(q_pos[:, start:start + step], k_pos, causal, window)[:, None]
             qs = q[:, :, start:start + step]
-            if bool(ok.all()):  # e.g. decode over a cache without window or padding: no mask needed
+            if not tracing and bool(ok.all()):  # e.g. decode over a cache without window or padding: no mask
                 outs.append(F.scaled_dot_product_attention(qs, kr, vr, scale=scale))
                 continue
             empty = ~ok.any(dim=-1, keepdim=True)

@@ -44,9 +44,15 @@ def fused_sdpa_forward(block: Any, x: torch.Tensor, positions: torch.Tensor,
         full, k_pos = cache.extend(pos, k=k, v=v)
         k, v = full["k"], full["v"]
     k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if c.n_kv_heads == 1 and c.n_heads > 1:
+        # the bridge regroups q only when K/V have several heads (is_gqa); MQA is handed as MHA
+        k, v = k.expand(-1, c.n_heads, -1, -1), v.expand(-1, c.n_heads, -1, -1)
     scale = _attn.softmax_scale(c)
     ok = _attn.visible(pos, k_pos, c.causal, c.window)[:, None]
-    if c.causal and c.window is None and k.shape[2] == t and bool((ok == _causal_pattern(t, ok.device)).all()):
+    # the is_causal shortcut needs a host read of the mask; under lazy-mode tracing or
+    # torch.compile the additive mask (exact for every case) is used instead
+    plain = c.causal and c.window is None and k.shape[2] == t and not torch.compiler.is_compiling()
+    if plain and bool((ok == _causal_pattern(t, ok.device)).all()):
         o = FusedSDPA.apply(q, k, v, None, 0.0, True, scale, "None")
     else:
         empty = ~ok.any(dim=-1, keepdim=True)

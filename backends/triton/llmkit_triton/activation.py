@@ -23,7 +23,7 @@ _BLOCK = 1024
 
 @triton.jit
 def _glu_fwd(A, B, Y, n, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: numel may pass 2^31
     ok = offs < n
     a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
     y = jitlib.activation(a, ACT)
@@ -34,7 +34,7 @@ def _glu_fwd(A, B, Y, n, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.const
 
 @triton.jit
 def _glu_bwd(A, B, DY, DA, DB, n, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: numel may pass 2^31
     ok = offs < n
     a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)

@@ -38,7 +38,7 @@ def _flash_fwd(Q, K, V, O, QP, KP,
                H, GROUP, T, S, D, DV, scale, softcap, window,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: b * skb passes 2^31 for a long batched cache
     b = bh // H
     h = bh % H
     kvh = h // GROUP

@@ -43,7 +43,7 @@ _CHUNK = 256
 def _router_topk(L, BIAS, SCORES, SEL, WTS, E, stride_l, scaling,
                  K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
                  HAS_BIAS: tl.constexpr, RENORM: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
     logit = tl.load(L + row * stride_l + e, mask=e_ok, other=float("-inf")).to(tl.float32)
@@ -141,8 +141,9 @@ def _moe_gemm(A, W, WG, BIAS, BIASG, SCALE, OUT, SORTED, EXPERT_IDS, PADDED,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     if pid_m * BLOCK_M < tl.load(PADDED):
-        e = tl.load(EXPERT_IDS + pid_m)
-        rows = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        # int64: e * swe (an expert's weight stride) passes 2^31 in large MoEs (160 x 6144 x 2560)
+        e = tl.load(EXPERT_IDS + pid_m).to(tl.int64)
+        rows = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = rows < M
         a_rows = tl.where(row_ok, rows // a_div, 0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

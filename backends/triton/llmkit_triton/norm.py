@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import jitlib
-from .runtime import block_size, check_dtype
+from .runtime import block_size, check_dtype, row_warps
 
 MAX_DIM = 32768
 """Largest row a program holds at once (fp32 registers/shared memory on current GPUs)."""
@@ -37,7 +37,7 @@ MAX_DIM = 32768
 def _norm_fwd(X, R, W, B, Y, RES, RSTD, MEAN, stride_x, stride_r, stride_y, stride_res, D, eps,
               BLOCK_D: tl.constexpr, HAS_RES: tl.constexpr, LAYER: tl.constexpr, CAST_BEFORE: tl.constexpr,
               UNIT_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
@@ -78,7 +78,7 @@ def _norm_fwd(X, R, W, B, Y, RES, RSTD, MEAN, stride_x, stride_r, stride_y, stri
 def _norm_bwd(DY, H, W, RSTD, MEAN, DRES, DX, DW, DB, N, D, stride_dy, stride_h, stride_dres, stride_dx,
               BLOCK_D: tl.constexpr, HAS_DRES: tl.constexpr, LAYER: tl.constexpr, CAST_BEFORE: tl.constexpr,
               UNIT_OFFSET: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # the loop's rows are int64 too: row * stride may pass 2^31
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
@@ -133,6 +133,7 @@ class _Norm(torch.autograd.Function):
             _norm_fwd[(n,)](xr, rr, weight, bias if bias is not None else weight, y, res, rstd, mean,
                             xr.stride(0), rr.stride(0), y.stride(0), res.stride(0), d, eps,
                             BLOCK_D=block_size(d, 1), HAS_RES=residual is not None, LAYER=layer,
+                            num_warps=row_warps(block_size(d, 1)),
                             CAST_BEFORE=cast_before, UNIT_OFFSET=unit_offset, HAS_BIAS=bias is not None)
         ctx.save_for_backward(res, weight, rstd, mean)
         ctx.flags = (layer, cast_before, unit_offset, bias is not None, residual is not None, x.shape)
@@ -158,6 +159,7 @@ class _Norm(torch.autograd.Function):
                                    n, d, dyr.stride(0), res.stride(0),
                                    dres.stride(0) if dres is not None else 0, dx.stride(0),
                                    BLOCK_D=block_size(d, 1), HAS_DRES=dres is not None, LAYER=layer,
+                                   num_warps=row_warps(block_size(d, 1)),
                                    CAST_BEFORE=cast_before, UNIT_OFFSET=unit_offset)
         dx = dx.view(shape)
         dweight = dw.sum(0).to(weight.dtype)

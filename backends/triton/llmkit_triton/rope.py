@@ -34,7 +34,7 @@ from .runtime import check_dtype
 def _rope_kernel(X, COS, SIN, Y, sxb, sxh, sxt, syb, syh, syt, scb, sct, H, T, HALF, HEAD_DIM,
                  BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                  INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr, INVERSE: tl.constexpr):
-    bt = tl.program_id(0)
+    bt = tl.program_id(0).to(tl.int64)  # int64: b * sxb may pass 2^31
     b = bt // T
     t = bt % T
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)

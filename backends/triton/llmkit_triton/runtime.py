@@ -53,6 +53,12 @@ def block_size(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
+def row_warps(block: int) -> int:
+    """Warps for a kernel holding one `block`-wide row per program: about 256 elements per warp,
+    1 to 16 (Triton's layer-norm tutorial rule), so wide rows do not spill registers."""
+    return min(max(block // 256, 1), 16)
+
+
 def check_dtype(name: str, t: torch.Tensor) -> None:
     """Refuse what no kernel takes: other dtypes, and CPU tensors outside the interpreter."""
     if t.device.type == "cpu" and not _INTERPRETED:
