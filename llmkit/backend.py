@@ -87,3 +87,13 @@ class Backend:
     def peak(self, device: str, dtype: torch.dtype) -> Peak | None:
         """Peak FLOP/s and bytes/s for `dtype` on `device` (declared or measured); None if unknown."""
         return None
+
+    def capture_decode(self, step: Callable[[torch.Tensor, Any], torch.Tensor], tokens: torch.Tensor,
+                       cache: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor, Any], torch.Tensor]] | None:
+        """Run one decode step `step(tokens [B, 1], cache) -> logits` and capture it as a device
+        graph: returns this step's logits and a function that replays the graph for the next
+        steps' tokens (CUDA graphs, HPU graphs); None when this backend has no graphs. `cache` is
+        a fixed-shape cache (`FixedLayerCache`): the step's shapes never change and its state
+        advances on the device, so each replay is the next step. The step must run exactly once
+        here (warm-up runs count: capture without executing, or capture the run itself)."""
+        return None

@@ -82,7 +82,7 @@ class StaticLayerCache(LayerCache):
     def __init__(self, capacity: int, max_tokens: int | None = None) -> None:
         super().__init__(max_tokens)
         if capacity < 1:
-            raise LlmkitError(f"StaticLayerCache capacity must be >= 1, got {capacity}")
+            raise LlmkitError(f"{type(self).__name__} capacity must be >= 1, got {capacity}")
         self.capacity = capacity if max_tokens is None else min(capacity, max_tokens)
         self._length = 0
 
@@ -118,3 +118,51 @@ class StaticLayerCache(LayerCache):
 
     def values_per_token(self) -> int:
         return sum(math.prod(v.shape[2:]) for v in self.tensors.values())
+
+
+class FixedLayerCache(StaticLayerCache):
+    """The protocol over storage of one fixed shape whose fill state lives on the device, so that
+    a decode step is the same computation every time and can be captured once and replayed (CUDA
+    graphs, HPU graphs): no host value decides a shape, a slice or a slot.
+
+    Storage: `capacity` token slots (a sliding window of W: W slots, used as a ring), allocated at
+    the first `extend`, with positions -1 (an empty slot, which attention never sees). `extend`
+    returns the storage as it was followed by the T new tokens ([B, capacity + T, ...]: every
+    decode step attends over capacity + 1 keys, masked by position, as HF's StaticCache does),
+    then writes the new tokens (the last `capacity` of them) at slots `(filled + i) % capacity`,
+    `filled` being a device counter. `next_positions` ([B, 1], device) is one past each row's last
+    position, so the next step's positions need no host read either. Without a window, writing past
+    `capacity` tokens would overwrite the oldest: `generate` sizes it to prompt + new tokens, and
+    the host-side count (`len`) refuses an overflow outside a replay.
+    """
+
+    def __init__(self, capacity: int, max_tokens: int | None = None) -> None:
+        super().__init__(capacity, max_tokens)
+        self.filled: torch.Tensor | None = None
+        self.next_positions: torch.Tensor | None = None
+
+    def extend(
+        self, positions: torch.Tensor, **new: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        b, t = positions.shape
+        if not self.tensors:
+            self.tensors = {k: v.new_zeros((b, self.capacity, *v.shape[2:])) for k, v in new.items()}
+            self.positions = positions.new_full((b, self.capacity), -1)
+            self.filled = torch.zeros((), dtype=torch.long, device=positions.device)
+            self.next_positions = positions.new_zeros((b, 1))
+        if set(new) != set(self.tensors):
+            raise LlmkitError(f"cache holds {sorted(self.tensors)}, got {sorted(new)}")
+        if self.max_tokens is None and self._length + t > self.capacity:
+            raise LlmkitError(f"cache capacity {self.capacity} exceeded ({self._length} cached + {t} new)")
+        assert self.positions is not None and self.filled is not None and self.next_positions is not None
+        full = {k: torch.cat([self.tensors[k], v], dim=1) for k, v in new.items()}
+        full_pos = torch.cat([self.positions, positions], dim=1)
+        keep = min(t, self.capacity)  # a static number: the shapes decide it
+        slots = (self.filled + (t - keep) + torch.arange(keep, device=positions.device)) % self.capacity
+        for k, v in new.items():
+            self.tensors[k].index_copy_(1, slots, v[:, t - keep:])
+        self.positions.index_copy_(1, slots, positions[:, t - keep:])
+        self.filled.add_(t)
+        self.next_positions.copy_(positions[:, -1:] + 1)
+        self._length = min(self._length + t, self.capacity)
+        return full, full_pos

@@ -226,7 +226,8 @@ def _generate_turn(model: Any, prompt_ids: list[int], args: argparse.Namespace, 
             seed = int(pick)
     out = model.generate([prompt_ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=seed, stop=args.stop or None,
-                         stream=_Streamer(model.tokenizer) if lead else None, stats=stats, compile=args.compile)
+                         stream=_Streamer(model.tokenizer) if lead else None, stats=stats, compile=args.compile,
+                         graphs=args.graphs)
     if not lead:
         return out[0, len(prompt_ids):].tolist()
     print()
@@ -503,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
         p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+        p.add_argument("--graphs", action="store_true",
+                       help="capture the decode step once as a device graph and replay it (CUDA graphs, HPU graphs: "
+                            "backends with Backend.capture_decode), over a fixed-shape KV cache")
         add_target_options(p)
         p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 

@@ -91,6 +91,17 @@ def decode_step(model: Any, compile: bool = False) -> Callable[[torch.Tensor, An
     return compiled
 
 
+def _graph_backend(model: Any) -> Any:
+    """The backend whose `capture_decode` records the decode graph: the model's plan's."""
+    from .registry import default_registry
+
+    if getattr(model, "plan", None) is None:
+        raise LlmkitError("graphs=True needs a built model (its plan names the backend that captures the graph)")
+    if getattr(model, "parallel_plan", None):
+        raise LlmkitError("graphs=True runs one process: a sharded model's collectives are not captured")
+    return default_registry().backend(model.plan.target.backend)
+
+
 def generate(
     model: Any,
     input_ids: torch.Tensor | Sequence[Sequence[int]],
@@ -106,6 +117,7 @@ def generate(
     stream: Callable[[torch.Tensor], None] | None = None,
     stats: dict[str, Any] | None = None,
     compile: bool = False,
+    graphs: bool = False,
 ) -> torch.Tensor:
     """Continue prompts; returns ids [B, T + n] with n <= max_new_tokens generated tokens.
 
@@ -113,7 +125,9 @@ def generate(
     of token-id lists of any lengths. `eos=False` ignores end-of-sequence tokens. `stop` strings
     need the model's tokenizer. `stream(tokens [B])` is called after every step; `stats`, if a dict,
     receives prompt_tokens, generated_tokens, prefill_s and decode_s. `compile=True` runs the decode
-    steps through `torch.compile` (see `decode_step`).
+    steps through `torch.compile` (see `decode_step`). `graphs=True` keeps the KV cache in one
+    fixed shape with its state on the device (`FixedLayerCache`) and has the model's backend
+    capture the decode step once and replay it (`Backend.capture_decode`: CUDA graphs, HPU graphs).
     """
     if max_new_tokens < 0:
         raise LlmkitError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -134,7 +148,10 @@ def generate(
         ids, positions = left_pad(input_ids, pad_id)
         ids, positions = ids.to(device), positions.to(device)
     batch, prompt_len = ids.shape
-    cache = model.new_cache(capacity=prompt_len + max_new_tokens)
+    if graphs and compile:
+        raise LlmkitError("graphs and compile are two ways of running the decode step: choose one")
+    replay = _graph_backend(model) if graphs else None
+    cache = model.new_cache(capacity=prompt_len + max_new_tokens, fixed=graphs)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
     start = time.perf_counter()
@@ -146,7 +163,13 @@ def generate(
     eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long)
     start = time.perf_counter()
     for step in range(max_new_tokens):
-        if step:
+        if step == 1 and replay is not None:
+            captured = replay.capture_decode(step_fn, out[-1], cache)
+            if captured is None:
+                raise LlmkitError(f"backend {replay.name!r} captures no decode graphs (Backend.capture_decode)")
+            first, step_fn = captured
+            logits = first[:, -1]
+        elif step:
             logits = step_fn(out[-1], cache)[:, -1]
         token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)

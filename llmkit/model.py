@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .assembly import Block, assemble
-from .cache import LayerCache, StaticLayerCache
+from .cache import FixedLayerCache, LayerCache, StaticLayerCache
+from .errors import LlmkitError
 from .plan import Plan
 from .registry import Registry, default_registry
 from .resolve import Selection
@@ -47,12 +48,18 @@ class Model(nn.Module):
         self.norm = Block(registry.kind("norm"), spec.final_norm, **kw)
         self.head = Block(registry.kind("head"), spec.head, **kw)
 
-    def new_cache(self, capacity: int | None = None) -> list[LayerCache]:
+    def new_cache(self, capacity: int | None = None, *, fixed: bool = False) -> list[LayerCache]:
         """One empty cache per layer; a sliding-window layer's keeps only its window. With
-        `capacity` (tokens in all) the storage is allocated once (`StaticLayerCache`)."""
+        `capacity` (tokens in all) the storage is allocated once (`StaticLayerCache`); with
+        `fixed` too, every step has the same shapes and the fill state stays on the device
+        (`FixedLayerCache`: what a captured, replayed decode graph needs)."""
         windows = [getattr(layer.config.attention, "window", None) for layer in self.layers]
         if capacity is None:
+            if fixed:
+                raise LlmkitError("a fixed-shape cache needs a capacity")
             return [LayerCache(max_tokens=w) for w in windows]
+        if fixed:
+            return [FixedLayerCache(capacity, max_tokens=w) for w in windows]
         return [StaticLayerCache(capacity, max_tokens=w) for w in windows]
 
     def forward(
@@ -68,7 +75,9 @@ class Model(nn.Module):
         default to 0..T-1, or to continuing each row of the cache."""
         if positions is None:
             steps = torch.arange(ids.shape[1], device=ids.device)
-            if cache and len(cache[0]):
+            if cache and isinstance(cache[0], FixedLayerCache) and len(cache[0]):
+                positions = cache[0].next_positions + steps  # device state: nothing read on the host
+            elif cache and len(cache[0]):
                 positions = cache[0].positions[:, len(cache[0]) - 1:len(cache[0])] + 1 + steps
             else:
                 positions = steps

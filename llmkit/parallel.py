@@ -687,7 +687,9 @@ def _shard_context(model: nn.Module, rank: int, cp: int, mode: str, group: Any) 
 
     inner_forward, inner_new_cache = model.forward, model.new_cache
 
-    def new_cache(capacity: int | None = None) -> ContextCache:
+    def new_cache(capacity: int | None = None, *, fixed: bool = False) -> ContextCache:
+        if fixed:
+            raise LlmkitError("a fixed-shape (graph-capturable) cache under context parallelism is not built")
         return ContextCache(inner_new_cache(capacity))
 
     def forward(ids: torch.Tensor, positions: torch.Tensor | None = None, cache: Any = None, *,

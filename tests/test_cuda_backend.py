@@ -275,3 +275,19 @@ def test_impl_on_the_device_matches_the_float64_reference(kind, config, impl, dt
         got = under(*(a.to("cuda:0") for a in low))
         assert got.device.type == "cuda"
         _check(got.cpu(), naive(*low), exact(*args))
+
+
+@needs_cuda
+@pytest.mark.parametrize("preset", ["tiny-llama-3-8b", "tiny-mistral-7b-v0.1"])
+def test_a_cuda_graph_of_the_decode_step_generates_the_eager_tokens(preset: str) -> None:
+    # fixed-shape cache + CUDAGraph capture and replay (CudaBackend.capture_decode); dense presets,
+    # bf16 through the cuda impls; a window shorter than prompt + generated tokens (mistral)
+    import llmkit
+
+    model = llmkit.build(preset, backend="cuda", dtype="bfloat16", seed=3).eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    prompts = [ids[0, :21].tolist(), ids[1, :17].tolist()]
+    with torch.no_grad():
+        want = model.generate(prompts, 12, eos=False)
+        got = model.generate(prompts, 12, eos=False, graphs=True)
+    assert torch.equal(got, want)

@@ -58,6 +58,33 @@ class GpuBackend(Backend):
             torch.cuda.synchronize(device)
             return Timing(tuple(s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)), warmup)
 
+    def capture_decode(self, step: Callable[[torch.Tensor, Any], torch.Tensor], tokens: torch.Tensor,
+                       cache: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor, Any], torch.Tensor]]:
+        """A CUDA (or HIP) graph of the decode step (torch.cuda.graphs; not yet run on a GPU).
+
+        The step runs once eagerly on a side stream (this step's logits, and the warm-up that
+        capture needs for cuBLAS workspaces and the caching allocator); capture then records the
+        step into a graph without executing it, reading the token from a static buffer; each
+        replay copies the new token in and runs the whole step as one launch. The fixed-shape
+        cache keeps its state in device tensors, so replays advance it. A host read inside an
+        impl fails the capture (the attention paths skip theirs while capturing)."""
+        side = torch.cuda.Stream(device=tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            first = step(tokens, cache).clone()
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        static_tokens = tokens.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = step(static_tokens, cache)
+
+        def replay(new_tokens: torch.Tensor, _cache: Any) -> torch.Tensor:
+            static_tokens.copy_(new_tokens)
+            graph.replay()
+            return static_logits
+
+        return first, replay
+
     def common_facts(self, device: str) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         return {

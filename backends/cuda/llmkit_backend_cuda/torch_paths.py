@@ -65,7 +65,8 @@ def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
     masking logic is tested on a CPU)."""
     t, s = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
-    tracing = torch.compiler.is_compiling()
+    # no host reads while torch.compile traces or a CUDA graph captures the step
+    tracing = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
     context = sdpa_kernel(list(kernels)) if kernels is not None else nullcontext()
     with context:
         plain = not tracing and causal and window is None and s == t and bool((q_pos >= 0).all())

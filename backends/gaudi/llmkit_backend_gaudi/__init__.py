@@ -2,11 +2,10 @@
 
 Written against the SynapseAI API, not yet certified on hardware: the impls call FusedSDPA,
 FusedRMSNorm, the fused RoPE op and `torch.ops.hpu.mixture_of_experts` (`ops`), the backend
-synchronises and times with `mark_step` and HPU events (`backend`). HPU graphs for decode are not
-built: llmkit's static KV cache keeps its length and the step's positions as host state, so a
-captured decode step would replay the first step's writes and positions (the bridge keys a graph
-by the call's arguments, which are the same objects every step); a graph-safe cache with that
-state on the device comes first. `habana_frameworks` is not on PyPI; without it the plugin
+synchronises and times with `mark_step` and HPU events (`backend`), and `capture_decode` wraps
+the decode step in an HPU graph (`generate(graphs=True)`, over the fixed-shape cache whose state
+is on the device; the growing static cache keeps its length on the host, so a replay over it would
+repeat the first step). `habana_frameworks` is not on PyPI; without it the plugin
 loads, registers everything (so plans can be made with injected device facts) and reports itself
 unavailable with "habana_frameworks not installed".
 """

@@ -80,6 +80,18 @@ class GaudiBackend(Backend):
         htcore.mark_step()
         hthpu.synchronize()
 
+    def capture_decode(self, step: Callable[[torch.Tensor, Any], torch.Tensor], tokens: torch.Tensor,
+                       cache: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor, Any], torch.Tensor]]:
+        """An HPU graph of the decode step (`habana_frameworks.torch.hpu.wrap_in_hpu_graph`, as
+        optimum-habana wraps its models for generation; not yet run on a Gaudi). The bridge keys a
+        graph by the call's arguments: the token tensor's shape and the cache object, the same
+        every step, so the first call captures (and returns that step's logits) and later calls
+        replay. Correct only over the fixed-shape cache, whose state is on the device."""
+        from habana_frameworks.torch.hpu import wrap_in_hpu_graph
+
+        graphed = wrap_in_hpu_graph(_DecodeStep(step), disable_tensor_cache=True)
+        return graphed(tokens, cache), graphed
+
     def time(self, fn: Callable[[], Any], device: str, *, warmup: int = 3, repeat: int = 10) -> Timing:
         """Device time between two HPU events around each call; the step is marked before the end
         event, so the queued graph runs inside the timed span."""
@@ -145,3 +157,14 @@ def _version(distribution: str) -> str | None:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
+
+
+class _DecodeStep(torch.nn.Module):
+    """The decode step as a module: what wrap_in_hpu_graph wraps."""
+
+    def __init__(self, step: Callable[[torch.Tensor, Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.step = step
+
+    def forward(self, tokens: torch.Tensor, cache: Any) -> torch.Tensor:
+        return self.step(tokens, cache)
