@@ -24,7 +24,7 @@ and GShard / DeepSpeed-MoE for expert parallelism:
   gathered so every rank holds every token again. The routing statistics (`block.routing`) are
   those of all tokens, as in one process.
 - norms, RoPE, MLA and MoE under tp alone are replicated: every rank computes them whole.
-- context parallel (cp, alone): a prompt is cut into 2 cp chunks and rank r runs chunks r and
+- context parallel (cp, alone or on a tp x cp grid): a prompt is cut into 2 cp chunks and rank r runs chunks r and
   2cp-1-r (zig-zag, for causal load balance) through the model; attention (attention@1, or MLA,
   whose per-token latent is what moves) sees every rank's K/V, passed around a ring and merged
   with an online softmax (ring attention, Liu et al. 2023) or all-gathered; the logits are
@@ -40,8 +40,9 @@ ep=2 on 2 ranks: attention split by heads, experts by ranges, on the same ranks)
 ranks, a grid (Megatron-Core's expert tensor parallelism): rank = e * tp + t, tp groups are the
 rows (attention, MLP, embedding and head split as above; every row computes the same tokens), ep
 groups the columns (experts split in ranges over a column, each expert's hidden split over its
-row, the partial expert outputs summed in the row before they travel back). cp combined with tp
-or ep is refused with that reason.
+row, the partial expert outputs summed in the row before they travel back). tp x cp ranks form
+the same grid with cp groups as columns: a row splits heads, a column the sequence (attention
+heads of the rank's tp share, over the cp group's K/V). cp combined with ep is refused.
 `layout_reasons` checks a layout against a spec before any process-group work.
 """
 
@@ -110,12 +111,18 @@ class Parallel:
     def trivial(self) -> bool:
         return self.world == 1
 
-    def mesh(self, world: int | None) -> bool:
-        """Whether `world` ranks run this layout as a grid of ep groups x tp groups (rank =
-        e * tp + t): tp > 1 and ep > 1 over tp * ep ranks. Otherwise every split > 1 spans all
-        ranks (tp=2 x ep=2 on 2 ranks: attention split by heads, experts by ranges, same ranks)."""
-        return world is not None and self.tp > 1 and self.ep > 1 and self.cp == 1 and world == self.tp * self.ep \
-            and world != self.world
+    def grid(self, world: int | None) -> str | None:
+        """The split laid across the tp groups when `world` ranks run this layout as a grid (rank =
+        i * tp + t): "ep" for tp > 1 and ep > 1 over tp * ep ranks, "cp" for tp > 1 and cp > 1 over
+        tp * cp ranks; None when every split > 1 spans all ranks (tp=2 x ep=2 on 2 ranks: attention
+        split by heads, experts by ranges, on the same ranks)."""
+        if world is None or self.tp == 1 or world == self.world:
+            return None
+        if self.ep > 1 and self.cp == 1 and world == self.tp * self.ep:
+            return "ep"
+        if self.cp > 1 and self.ep == 1 and world == self.tp * self.cp:
+            return "cp"
+        return None
 
     def __str__(self) -> str:
         return f"tp={self.tp} ep={self.ep} cp={self.cp}" + (f" ({self.cp_mode})" if self.cp > 1 else "")
@@ -125,14 +132,17 @@ def layout_reasons(spec: Any, parallel: Parallel, world: int | None = None) -> l
     """Why `parallel` cannot run `spec` (on `world` ranks, when given); empty when it can."""
     p = parallel
     reasons = []
-    mesh = p.mesh(world)
-    if world is not None and world != p.world and not mesh:
+    grid = p.grid(world)
+    if p.cp > 1 and p.ep > 1:
+        reasons.append(f"{p}: context parallelism combined with ep is not built")
+    elif p.cp > 1 and p.tp > 1:
+        if world is not None and grid != "cp":
+            reasons.append(f"{p} runs on {p.tp * p.cp} ranks (tp groups x cp groups), the process group has {world}")
+    elif world is not None and world != p.world and grid is None:
         reasons.append(f"{p} needs {p.world} ranks" + (f" (or {p.tp * p.ep}: tp groups x ep groups)"
                                                        if p.tp > 1 and p.ep > 1 else "")
                        + f", the process group has {world}")
-    if p.cp > 1 and (p.tp > 1 or p.ep > 1):
-        reasons.append(f"{p}: context parallelism combined with tp or ep is not built yet")
-    if not mesh:
+    if grid is None and not (p.cp > 1 and p.tp > 1):
         for name, degree in (("tp", p.tp), ("ep", p.ep), ("cp", p.cp)):
             if degree not in (1, p.world):
                 reasons.append(f"{name}={degree} on {p.world} ranks: each degree is 1 or the world size, or tp x ep "
@@ -156,7 +166,7 @@ def layout_reasons(spec: Any, parallel: Parallel, world: int | None = None) -> l
         if p.tp > 1 and getattr(ffn, "type", None) == "mlp" and ffn.hidden % p.tp:
             reasons.append(f"layer {i} mlp: hidden {ffn.hidden} is not divisible by tp={p.tp}")
         if p.ep > 1 and getattr(ffn, "type", None) == "moe":
-            if mesh and ffn.hidden % p.tp:
+            if grid == "ep" and ffn.hidden % p.tp:
                 reasons.append(f"layer {i} moe: expert hidden {ffn.hidden} is not divisible by tp={p.tp} "
                                "(each expert is split across its tp group)")
             if ffn.n_experts % p.ep:
@@ -583,6 +593,9 @@ def _ring_attend(block: Any, q: torch.Tensor, cached: dict[str, torch.Tensor], q
     (k/v, or MLA's latent and rope key, padded to `width` tokens with position -1) pass around the
     ring; each step scores the block in hand while the next one arrives and merges its state."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    # point-to-point peers are named by global rank
+    nxt, prev = ((r if group is None else dist.get_global_rank(group, r)) for r in ((rank + 1) % world,
+                                                                                   (rank - 1) % world))
     blocks = [_pad_rows(t, width, 1, 0.0) for t in cached.values()] + [_pad_rows(k_pos, width, 1, -1)]
     scores = _cp_scores(block)
     state: torch.Tensor | None = None
@@ -590,8 +603,8 @@ def _ring_attend(block: Any, q: torch.Tensor, cached: dict[str, torch.Tensor], q
         pending, incoming = [], []
         if step < world - 1:
             incoming = [torch.empty_like(t) for t in blocks]
-            pending = [dist.isend(t, (rank + 1) % world, group=group) for t in blocks]
-            pending += [dist.irecv(t, (rank - 1) % world, group=group) for t in incoming]
+            pending = [dist.isend(t, nxt, group=group) for t in blocks]
+            pending += [dist.irecv(t, prev, group=group) for t in incoming]
         k, v = _cp_keys(block, dict(zip(cached, blocks[:-1])))
         part = _partial(q, k, v, q_pos, blocks[-1], **scores)
         state = part if state is None else _merge(state, part)
@@ -754,16 +767,22 @@ def shard(model: nn.Module, parallel: Parallel | Mapping[str, Any], group: Any =
     if reasons:
         raise LlmkitError(f"parallel layout {p} refused: " + "; ".join(reasons))
     rank = dist.get_rank(group)
-    tp_rank = ep_rank = rank
-    tp_group = ep_group = group
-    if p.mesh(world):
-        # rank = e * tp + t: tp groups are rows, ep groups columns (every rank creates every group,
-        # in the same order, as torch.distributed.new_group requires)
+    tp_rank = ep_rank = cp_rank = rank
+    tp_group = ep_group = cp_group = group
+    grid = p.grid(world)
+    if grid is not None:
+        # rank = i * tp + t: tp groups are rows, ep (or cp) groups columns (every rank creates
+        # every group, in the same order, as torch.distributed.new_group requires)
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
-        ep_rank, tp_rank = divmod(rank, p.tp)
-        rows = [dist.new_group([ranks[e * p.tp + t] for t in range(p.tp)]) for e in range(p.ep)]
-        cols = [dist.new_group([ranks[e * p.tp + t] for e in range(p.ep)]) for t in range(p.tp)]
-        tp_group, ep_group = rows[ep_rank], cols[tp_rank]
+        other = world // p.tp
+        row, tp_rank = divmod(rank, p.tp)
+        rows = [dist.new_group([ranks[i * p.tp + t] for t in range(p.tp)]) for i in range(other)]
+        cols = [dist.new_group([ranks[i * p.tp + t] for i in range(other)]) for t in range(p.tp)]
+        tp_group = rows[row]
+        if grid == "ep":
+            ep_rank, ep_group = row, cols[tp_rank]
+        else:
+            cp_rank, cp_group = row, cols[tp_rank]
     target = model.plan.target if getattr(model, "plan", None) is not None else None
     lines = []
     blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, Block)]
@@ -771,9 +790,12 @@ def shard(model: nn.Module, parallel: Parallel | Mapping[str, Any], group: Any =
     # could not be summed across ranks
     inside_moe = tuple(f"{path}." for path, m in blocks if m.kind.name == "moe")
     if p.cp > 1:
-        _shard_context(model, rank, p.cp, p.cp_mode, group)
-        return [f"cp ({p.cp_mode}): sequence chunks {rank} and {2 * p.cp - 1 - rank} of {2 * p.cp} (zig-zag); "
-                "attention sees every rank's K/V; logits gathered in token order"]
+        # first, so that a tp split below wraps the cp attention with its all_reduce
+        _shard_context(model, cp_rank, p.cp, p.cp_mode, cp_group)
+        lines.append(f"cp ({p.cp_mode}): sequence chunks {cp_rank} and {2 * p.cp - 1 - cp_rank} of {2 * p.cp} "
+                     "(zig-zag); attention sees every rank's K/V; logits gathered in token order")
+        if p.tp == 1:
+            return lines
     for path, m in blocks:
         kind = m.kind.name
         what = "replicated"
@@ -786,7 +808,7 @@ def shard(model: nn.Module, parallel: Parallel | Mapping[str, Any], group: Any =
             what = f"tp: {label} {tp_rank * size}..{(tp_rank + 1) * size - 1}, {collective}"
         elif kind == "moe" and p.ep > 1:
             per = m.config.n_experts // p.ep
-            mesh = (tp_rank, p.tp, tp_group) if p.mesh(world) else None
+            mesh = (tp_rank, p.tp, tp_group) if grid == "ep" else None
             _shard_moe(m, ep_rank, p.ep, ep_group, mesh)
             what = f"ep: experts {ep_rank * per}..{(ep_rank + 1) * per - 1}, all_to_all_single dispatch"
             if mesh:

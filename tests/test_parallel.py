@@ -41,12 +41,12 @@ def _free_port() -> int:
 
 
 LAYOUTS = [({"tp": 2}, 2), ({"tp": 4}, 4), ({"ep": 2}, 2), ({"tp": 2, "ep": 2}, 2), ({"tp": 2, "ep": 2}, 4),
-           ({"cp": 2}, 2), ({"cp": 2, "cp_mode": "allgather"}, 2)]
+           ({"cp": 2}, 2), ({"cp": 2, "cp_mode": "allgather"}, 2), ({"tp": 2, "cp": 2}, 4)]
 
 
 # tp4: 4 ranks, 2 KV heads (each rank keeps a copy of the KV head its q head uses)
 @pytest.mark.parametrize("layout, nproc", LAYOUTS, ids=["tp2", "tp4-kv-replicated", "ep2", "tp2xep2-shared",
-                                                       "tp2xep2-grid", "cp2-ring", "cp2-allgather"])
+                                                       "tp2xep2-grid", "cp2-ring", "cp2-allgather", "tp2xcp2-grid"])
 def test_sharded_models_match_the_single_process_model(tmp_path: Path, layout: dict, nproc: int) -> None:
     out = tmp_path / "results.json"
     presets = PRESETS + ["tiny-mistral-7b-v0.1:window"] if layout.get("cp") else PRESETS
@@ -66,9 +66,10 @@ def test_sharded_models_match_the_single_process_model(tmp_path: Path, layout: d
     if layout.get("cp"):
         # zig-zag: rank 0 holds chunks 0 and 3 of 11 tokens (3 + 2), rank 1 chunks 1 and 2 (3 + 3);
         # the decode steps' tokens are kept by rank 0, 1, 0
-        assert results["tiny-llama-3-8b"]["kept"] == [7, 7]
-        assert plan == f"cp ({layout.get('cp_mode', 'ring')}): sequence chunks 0 and 3 of 4 (zig-zag); " \
-                       "attention sees every rank's K/V; logits gathered in token order"
+        # (on the tp x cp grid, ranks 0-1 are cp rank 0 and ranks 2-3 cp rank 1)
+        assert results["tiny-llama-3-8b"]["kept"] == [7] * nproc
+        assert plan.splitlines()[0] == f"cp ({layout.get('cp_mode', 'ring')}): sequence chunks 0 and 3 of 4 " \
+                                       "(zig-zag); attention sees every rank's K/V; logits gathered in token order"
     elif layout.get("ep") and nproc == 4:
         # rank 0 = (ep group 0, tp rank 0): experts 0..3, the first half of each one's hidden
         assert "layers.0.mlp [moe@1] ep: experts 0..3, all_to_all_single dispatch; tp: expert hidden 0..63, " \
@@ -85,12 +86,14 @@ def test_sharded_models_match_the_single_process_model(tmp_path: Path, layout: d
         assert "ep:" not in plan
 
 
-@pytest.mark.parametrize("mode", ["ring", "allgather"])
-def test_context_parallel_at_thousands_of_tokens_meets_the_precision_rule(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize("layout, nproc", [({"cp": 2}, 2), ({"cp": 2, "cp_mode": "allgather"}, 2),
+                                           ({"cp": 2, "tp": 2}, 4)], ids=["ring", "allgather", "ring-tp2-grid"])
+def test_context_parallel_at_thousands_of_tokens_meets_the_precision_rule(tmp_path: Path, layout: dict,
+                                                                          nproc: int) -> None:
     # sliding window (mistral), soft-cap (grok-1), plain GQA (llama), MLA (deepseek-v3); float64 model as the oracle
     cases = ["tiny-mistral-7b-v0.1:2048", "tiny-grok-1:1024", "tiny-llama-3-8b:3001", "tiny-deepseek-v3:1024"]
     out = tmp_path / "results.json"
-    run = _torchrun(tmp_path, 2, str(WORKER), str(out), json.dumps({"cp": 2, "cp_mode": mode}), *cases)
+    run = _torchrun(tmp_path, nproc, str(WORKER), str(out), json.dumps(layout), *cases)
     assert run.returncode == 0, run.stderr[-3000:]
     for r in json.loads(out.read_text()):
         assert r["e_max"] <= r["threshold"], r
@@ -140,8 +143,11 @@ def test_impossible_layouts_are_refused_with_reasons() -> None:
     assert layout_reasons(llama, Parallel(tp=4), world=4) == []  # KV heads replicated
     assert layout_reasons(llama, Parallel(tp=2), world=4) == ["tp=2 ep=1 cp=1 needs 2 ranks, the process group has 4"]
     assert layout_reasons(llama, Parallel(cp=2)) == []
-    assert any("context parallelism combined with tp or ep is not built yet" in r
-               for r in layout_reasons(llama, Parallel(tp=2, cp=2)))
+    assert layout_reasons(llama, Parallel(tp=2, cp=2), world=4) == []  # the tp x cp grid
+    assert layout_reasons(llama, Parallel(tp=2, cp=2), world=2) == [
+        "tp=2 ep=1 cp=2 (ring) runs on 4 ranks (tp groups x cp groups), the process group has 2"]
+    assert any("context parallelism combined with ep is not built" in r
+               for r in layout_reasons(load_spec("tiny-mixtral-8x7b"), Parallel(ep=2, cp=2)))
     assert layout_reasons(load_spec("tiny-deepseek-v3"), Parallel(cp=2)) == []
     mixtral = load_spec("tiny-mixtral-8x7b")
     assert any("each degree is 1 or the world size, or tp x ep is the world size" in r
