@@ -205,10 +205,10 @@ def init(backend: str | None, timeout_s: float | None = None) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     # torn down before the interpreter exits: a gloo group left to process teardown can abort the
     # process ("terminate called without an active exception") while its threads still run
-    atexit.register(_leave)
+    atexit.register(_destroy_group)
 
 
-def _leave() -> None:
+def _destroy_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -587,6 +587,16 @@ def _finish(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(l > 0, acc / l.clamp(min=torch.finfo(l.dtype).tiny), 0.0).to(dtype)
 
 
+def _in_token_order(local: torch.Tensor, length: int, cp: int, width: int, group: Any) -> torch.Tensor:
+    """Every rank's zig-zag share of a [B, T_rank, ...] tensor, gathered and put back in token
+    order: [B, length, ...]."""
+    whole = local.new_empty((local.shape[0], length, *local.shape[2:]))
+    for r, part in enumerate(_gather_seq(local, width, group)):
+        mine = zigzag(length, cp, r)
+        whole[:, mine] = part[:, :len(mine)]
+    return whole
+
+
 def _ring_attend(block: Any, q: torch.Tensor, cached: dict[str, torch.Tensor], q_pos: torch.Tensor,
                  k_pos: torch.Tensor, width: int, group: Any) -> torch.Tensor:
     """Attention output of the local queries over every rank's keys: each rank's cached tensors
@@ -682,10 +692,8 @@ def _shard_context(model: nn.Module, rank: int, cp: int, mode: str, group: Any) 
             b, t = x.shape[0], state["length"]
 
             def gather(rows: torch.Tensor) -> torch.Tensor:
-                whole = rows.new_empty((b, t, rows.shape[-1]))
-                for src, part in enumerate(_gather_seq(rows.reshape(b, x.shape[1], -1), state["width"], group)):
-                    whole[:, zigzag(t, cp, src)] = part[:, :state["sizes"][src]]
-                return whole.reshape(b * t, -1)
+                local = rows.reshape(b, x.shape[1], -1)
+                return _in_token_order(local, t, cp, state["width"], group).reshape(b * t, -1)
 
             full = _gather_routing(_moe.route(block, x.reshape(-1, x.shape[-1])), gather)
             # record_routing reads only x's shape ([batch, seq] for the per-sequence loss)
@@ -724,8 +732,7 @@ def _shard_context(model: nn.Module, rank: int, cp: int, mode: str, group: Any) 
             if cache is not None:
                 cache.steps += 1
             return inner_forward(ids, pos, cache, last_only=last_only)
-        sizes = [len(zigzag(t, cp, r)) for r in range(cp)]
-        state.update(width=max(sizes), sizes=sizes, length=t)
+        state.update(width=max(len(zigzag(t, cp, r)) for r in range(cp)), length=t)
         mine = zigzag(t, cp, rank)
         local = inner_forward(ids[:, mine], pos[:, mine], cache, last_only=last_only)
         if last_only:
@@ -734,10 +741,7 @@ def _shard_context(model: nn.Module, rank: int, cp: int, mode: str, group: Any) 
             _collective("broadcast", lambda: dist.broadcast(local, src=dist.get_global_rank(group, src)
                                                             if group is not None else src, group=group))
             return local
-        out = local.new_empty((b, t, local.shape[-1]))
-        for r, part in enumerate(_gather_seq(local, state["width"], group)):
-            out[:, zigzag(t, cp, r)] = part[:, :sizes[r]]
-        return out
+        return _in_token_order(local, t, cp, state["width"], group)
 
     model.forward = forward
     model.new_cache = new_cache
