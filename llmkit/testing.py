@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -95,3 +98,15 @@ class ResidualMLPLM(nn.Module):
             h = h + layer.mlp(layer.norm(h))
         h = self.norm(h)
         return self.head(h, self.embedding.weight) if self.tied else self.head(h)
+
+
+def hf_checkpoint(path: Path, make: Callable[[], nn.Module], seed: int = 0) -> Path:
+    """Save a transformers model (`make()`, seeded) to `path` with test weights: norm weights
+    1 + 0.2 N(0, 1), everything else 0.1 N(0, 1), so that greedy picks are not near-ties."""
+    torch.manual_seed(seed)
+    model = make()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path

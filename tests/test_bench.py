@@ -19,6 +19,7 @@ import torch
 from llmkit.bench import INSTALL, bench
 from llmkit.cli import main
 from llmkit.errors import LlmkitError
+from llmkit.testing import hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,14 +36,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return path
+    return hf_checkpoint(tmp_path_factory.mktemp("tiny-llama"), lambda: transformers.LlamaForCausalLM(config))
 
 
 def _no_llama_cpp(mp: pytest.MonkeyPatch) -> None:

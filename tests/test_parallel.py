@@ -203,21 +203,15 @@ def test_build_refuses_before_any_process_group_work(monkeypatch: pytest.MonkeyP
 @pytest.fixture(scope="module")
 def mixtral_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 4-expert transformers Mixtral with weights of std 0.1 (greedy picks are no near-ties)."""
-    import torch
     import transformers
+
+    from llmkit.testing import hf_checkpoint
 
     config = transformers.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                         num_local_experts=4, num_experts_per_tok=2, bos_token_id=None,
                                         eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("tiny-mixtral")
-    model.save_pretrained(path)
-    return path
+    return hf_checkpoint(tmp_path_factory.mktemp("tiny-mixtral"), lambda: transformers.MixtralForCausalLM(config))
 
 
 def _rows(record: dict, engine: str, phase: str) -> list[list[dict]]:
