@@ -138,10 +138,9 @@ def bench(
         raise LlmkitError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
     layout = _check_nproc(nproc, parallel)
     job = {"prompt_len": prompt_len, "gen_len": gen_len, "threads": threads, "repeats": repeats}
-    llmkit_job = {**job, "engine": "llmkit", "source": str(source), "backend": backend, "dtype": dtype,
-                  "quant": quant, "policy": policy, "device": device, "impl": list(impl or []),
-                  "deny": list(deny or []), "strict": strict, "compile": compile, "profile": nproc is not None,
-                  "certs": None if certs is None else [str(c) for c in certs]}
+    llmkit_job = _llmkit_job(source, job, backend=backend, dtype=dtype, quant=quant, policy=policy, device=device,
+                             impl=impl, deny=deny, strict=strict, certs=certs, compile=compile,
+                             profile=nproc is not None)
     if progress:
         progress("llmkit")
     ours = _run_child(llmkit_job)
@@ -197,11 +196,8 @@ def bench_here(source: str | Path, *, parallel: Any, prompt_len: int = 128, gen_
     world = env_world() or 1
     if layout.trivial:
         raise LlmkitError(f"under torchrun ({world} processes) bench needs a layout over them: --tp/--ep/--cp {world}")
-    job = {"engine": "llmkit", "source": str(source), "prompt_len": prompt_len, "gen_len": gen_len,
-           "threads": threads, "repeats": repeats, "compile": compile, "profile": True,
-           "parallel": dataclasses.asdict(layout), "impl": [], "deny": [], "strict": False, "certs": None,
-           "backend": "cpu", "dtype": None, "quant": None, "policy": None, "device": None}
-    job.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in load.items()})
+    job = _llmkit_job(source, {"prompt_len": prompt_len, "gen_len": gen_len, "threads": threads, "repeats": repeats},
+                      compile=compile, profile=True, parallel=dataclasses.asdict(layout), **load)
     ours = _run_job(job)
     if dist.get_rank() != 0:
         return None
@@ -214,6 +210,18 @@ def bench_here(source: str | Path, *, parallel: Any, prompt_len: int = 128, gen_
     return _record(source, ours, {f"llmkit x{world}": ours}, {}, backend=job["backend"], device=job["device"],
                    quant=job["quant"], compile=compile, policy=policy, prompt_len=prompt_len, gen_len=gen_len,
                    prompt=prompt, repeats=repeats, threads=threads, parallel={"nproc": world, **job["parallel"]})
+
+
+def _llmkit_job(source: str | Path, workload: dict[str, Any], *, backend: str = "cpu", dtype: str | None = None,
+                quant: str | None = None, policy: str | None = None, device: str | None = None,
+                impl: Sequence[str] | None = None, deny: Sequence[str] | None = None, strict: bool = False,
+                certs: Sequence[str | Path] | None = None, compile: bool = False, profile: bool = False,
+                parallel: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The llmkit engine's job (JSON-ready): the workload and `llmkit.load`'s options."""
+    return {**workload, "engine": "llmkit", "source": str(source), "backend": backend, "dtype": dtype,
+            "quant": quant, "policy": policy, "device": device, "impl": list(impl or []), "deny": list(deny or []),
+            "strict": strict, "certs": None if certs is None else [str(c) for c in certs], "compile": compile,
+            "profile": profile, "parallel": parallel}
 
 
 def _check_nproc(nproc: int | None, parallel: Any) -> Any:
@@ -497,7 +505,7 @@ def _measure_llmkit(job: dict[str, Any]) -> dict[str, Any]:
     threads = _threads(job)
     model = load(job["source"], backend=job["backend"], dtype=job["dtype"], device=job["device"],
                  policy=job["policy"], impl=job["impl"], deny=job["deny"], strict=job["strict"], certs=job["certs"],
-                 quant=job["quant"], parallel=job.get("parallel"))
+                 quant=job["quant"], parallel=job["parallel"])
     ids, how = prompt_ids(model.tokenizer, model.spec.vocab_size, job["prompt_len"])
 
     def once(gen_len: int) -> tuple[float, float, float, list[int]]:

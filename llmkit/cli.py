@@ -291,7 +291,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
                             repeats=args.repeats, threads=args.threads, compile=args.compile, backend=args.backend,
                             dtype=args.dtype, quant=args.quant, policy=args.policy, device=args.device,
                             impl=args.impl, deny=args.deny, strict=args.strict,
-                            certs=None if args.certs is None else [str(c) for c in args.certs])
+                            certs=args.certs)
         if record is not None:
             _show_bench(args, console, record)
         return 0

@@ -193,8 +193,6 @@ def check_parallel(spec: Spec, parallel: Any) -> Any:
     layout = Parallel.make(parallel)
     if layout.trivial:
         return None
-    from .errors import LlmkitError
-
     world = env_world()
     reasons = layout_reasons(spec, layout, world)
     if reasons:
