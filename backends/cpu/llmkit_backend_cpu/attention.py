@@ -90,11 +90,15 @@ def sdpa_forward(block: Any, x: torch.Tensor, positions: torch.Tensor,
 def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
             scale: float, causal: bool, window: int | None, always_mask: bool = False) -> torch.Tensor:
     """One query per row over the cache: the g query heads of a KV head as one [g, S] GEMM (no K/V
-    copies), scores promoted to float32 for the softmax — the reference's arithmetic."""
+    copies), in float32 (float64 for float64 inputs): the reference promotes the scores to float32
+    anyway, and without native bf16/fp16 instructions (AVX2) PyTorch's half-precision batched GEMMs
+    are 4-8x slower than upcasting K and V and running float32 ones."""
     b, h, _, d = q.shape
     hkv = k.shape[1]
-    scores = torch.matmul(q.view(b, hkv, h // hkv, d), k.transpose(-1, -2))
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    out_dtype = v.dtype
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    scores = torch.matmul(q.view(b, hkv, h // hkv, d), k.transpose(-1, -2)) * scale
     ok = _attn.visible(q_pos, k_pos, causal, window)[:, None]  # [B, 1, 1, S]
     everything = False if always_mask else bool(ok.all())
     if not everything:
@@ -102,7 +106,7 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
     probs = torch.softmax(scores, dim=-1)
     if not everything:
         probs = probs.masked_fill(~ok.any(dim=-1, keepdim=True), 0.0)  # a padding query sees nothing
-    return torch.matmul(probs.to(v.dtype), v).view(b, h, 1, v.shape[-1])
+    return torch.matmul(probs, v).to(out_dtype).view(b, h, 1, v.shape[-1])
 
 
 def flash_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
