@@ -253,7 +253,9 @@ def _record(source: str | Path, ours: dict[str, Any], engines: dict[str, dict[st
     return {
         "benchmark": "llmkit bench",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": ours["threads"],
+        # the ISA tells apart VMs that share a CPU name (AVX2 vs AVX-512 EPYCs differ 15x in bf16 GEMMs)
+        "machine": {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(),
+                    "logical_cpus": os.cpu_count(), "torch_threads": ours["threads"],
                     "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__},
         "workload": {"source": str(source), "path": ours["source"], "dtype": ours["dtype"], "batch": 1,

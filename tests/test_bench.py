@@ -67,6 +67,7 @@ def test_both_engines_measured(record: dict[str, Any], checkpoint: Path) -> None
     assert w["prompt"] == "random ids, seed 0"  # the checkpoint has no tokenizer
     m = record["machine"]
     assert m["cpu"] and m["torch"] == torch.__version__ and m["torch_threads"] == 1 and m["python"]
+    assert m["isa"] == torch.backends.cpu.get_cpu_capability()
     assert record["created_at"]
 
 
