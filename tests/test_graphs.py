@@ -90,7 +90,7 @@ def test_replaying_over_the_growing_static_cache_repeats_the_first_step(fx_backe
 @pytest.mark.parametrize("preset, policy", [("tiny-llama-3-8b", None), ("tiny-mistral-7b-v0.1", None),
                                             ("tiny-mixtral-8x7b", None), ("tiny-deepseek-v3", "reference")])
 def test_the_fixed_cache_gives_the_static_caches_logits(preset: str, policy: str | None) -> None:
-    # eager steps through every impl (float32, so that SDPA's masked and unmasked kernels round alike): prefill,
+    # eager steps through every impl, in float32 (in bf16, SDPA's masked and unmasked kernels differ by an ulp): prefill,
     # then single tokens, past the window; MLA caches its latent
     if policy is None:  # the cpu impls; embedding and layer have none there
         with pytest.warns(FallbackWarning):
