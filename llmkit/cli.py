@@ -58,9 +58,10 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
                    help="never use this impl or backend for the kind; repeatable")
     g.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE",
                    help="inject a device fact instead of reading the device (with --device meta)")
-    g.add_argument("--quant", default=None, choices=("int8", "int4"),
-                   help="weight-only quantisation of the linears, by the impls that support it "
-                        "(cpu: attention, mlp, head; fastest with --dtype bfloat16)")
+    g.add_argument("--quant", default=None, metavar="MODE",
+                   help="packed (compressed) linear weights, by the impls that support the mode; the backend "
+                        "refuses one it lacks. cpu (attention, mlp, head): int8, int4 (weight-only; fastest "
+                        "with --dtype bfloat16), fp16 (half-precision weights, float32 math; x86)")
     g.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel degree (run under torchrun; default: the spec's, else 1)")
     g.add_argument("--ep", type=int, default=None,

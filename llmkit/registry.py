@@ -290,7 +290,7 @@ class Registry:
         `device="meta"` builds and plans without allocating and without needing the backend's
         hardware; `facts` injects device properties instead of reading them from the device
         (without it, a meta target gets the facts of the backend's default device if present).
-        `quant` (weight-only quantisation, e.g. "int8") is added as the fact `quant` for impls
+        `quant` (packed linear weights, e.g. "int8", "fp16") is added as the fact `quant` for impls
         that support it to act on in `prepare`.
         """
         b = self.backend(backend)

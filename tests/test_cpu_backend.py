@@ -291,34 +291,39 @@ def test_head_unquantised_is_the_reference(dtype, config) -> None:
         _check(under(x, tied), naive(x, tied), exact(x.double(), None if tied is None else tied.double()), dtype)
 
 
-# ---------------------------------------------------------------- weight-only quantisation
+# ---------------------------------------------------------------- packed (quantised) linears
+MODES = ["int8", "int4", "fp16"]
 
 
-def _dequantised(entry, in_features: int) -> torch.Tensor:
+def _dequantised(entry: quant.Packed, in_features: int) -> torch.Tensor:
     """What the kernel multiplies by, read back through it: x = I gives dequant(W)^T."""
-    return quant.matmul(entry, torch.eye(in_features, dtype=entry[2].dtype)).T.float()
+    dtype = torch.float32 if entry.scales is None else entry.scales.dtype
+    return quant.matmul(entry, torch.eye(in_features, dtype=dtype)).T.float()
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", MODES)
 def test_quantised_weights_are_within_half_a_step(mode) -> None:
     w = torch.randn(96, 128, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 96)[:, None]
     entry = quant.pack(w, mode, torch.float32)
     err = (_dequantised(entry, 128) - w).abs()
     if mode == "int8":
         step = w.abs().amax(1, keepdim=True) / 127
-    else:
+    elif mode == "int4":
         g = w.view(96, -1, quant.GROUP)
         step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(quant.GROUP, dim=1)
+    else:  # half's spacing at |w| (normal range): 2^(floor(log2|w|) - 10)
+        step = torch.exp2(torch.floor(torch.log2(w.abs())) - 10)
     assert (err <= step / 2 + 1e-6 * w.abs().max()).all()
     assert err.max() > 0  # it is quantised
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("preset", ["tiny-smollm2-135m", "tiny-qwen1.5-0.5b"])
 def test_quantised_model_equals_the_model_with_dequantised_weights(mode, preset) -> None:
     """At decode sizes the packed kernels compute x @ dequant(W)^T: a model carrying those
     dequantised weights in float32, on the reference impls, gives the same logits. At prefill
-    sizes the float weights are used: the unquantised model's logits."""
+    sizes the float weights are used: the unquantised model's logits. q/k/v and gate/up are packed
+    as one matrix each (one GEMM at decode): their rows are split back here."""
     with pytest.warns(llmkit.errors.FallbackWarning):
         model = llmkit.build(preset, dtype="float32", quant=mode, seed=3)
     twin = llmkit.build(preset, dtype="float32", policy="reference", seed=3)
@@ -326,9 +331,15 @@ def test_quantised_model_equals_the_model_with_dequantised_weights(mode, preset)
     with torch.no_grad():
         torch.testing.assert_close(model(long_ids), twin(long_ids), rtol=1e-5, atol=1e-5)
     state = twin.state_dict()
+    groups = set()
     for name, m in model.named_modules():
-        for weight, entry in getattr(m, "_cpu_quant", {}).items():
-            state[f"{name}.{weight}"] = _dequantised(entry, getattr(m, weight).shape[1])
+        for key, entry in getattr(m, "_cpu_quant", {}).items():
+            names = key.split("+")
+            groups.add(tuple(names))
+            rows = [getattr(m, n).shape[0] for n in names]
+            for n, w in zip(names, _dequantised(entry, getattr(m, names[0]).shape[1]).split(rows)):
+                state[f"{name}.{n}"] = w
+    assert {("wq", "wk", "wv"), ("w_gate", "w_up"), ("wo",), ("w_down",)} <= groups
     tied = model.spec.tied
     if tied:  # the tied head packs the embedding at its first call
         ids = torch.zeros(1, 1, dtype=torch.long)
@@ -341,6 +352,43 @@ def test_quantised_model_equals_the_model_with_dequantised_weights(mode, preset)
         want = twin(ids) if not tied else _finish_with(twin, ids, twin_head)
         torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
     assert {m.quantized for m in model.modules() if getattr(m, "quantized", None)} == {mode}
+
+
+def test_fp16_packing_in_a_bfloat16_block_meets_the_precision_rule() -> None:
+    """bf16 weights are exact in half precision, so an fp16-packed bfloat16 MLP (activations
+    upcast to float32 around each GEMM) meets the precision rule against the float64 reference."""
+    exact, naive, under = _blocks("mlp", {"d_model": 64, "hidden": 96, "gated": True, "activation": "silu"},
+                                  torch.bfloat16, "linear")
+    under.bind(under.impl, REG.target("cpu", dtype=torch.bfloat16, quant="fp16"))
+    assert under.quantized == "fp16"
+    x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        _check(under(x), naive(x), exact(x.double()), torch.bfloat16)
+
+
+def test_a_mode_the_backend_lacks_is_refused_by_name(monkeypatch) -> None:
+    with pytest.raises(llmkit.errors.LlmkitError, match=r"quant 'int2' is not supported by the cpu backend \(int8, int4, fp16\)"):
+        llmkit.build("tiny-smollm2-135m", dtype="float32", quant="int2")
+    monkeypatch.setattr(torch.backends, "quantized", type("Q", (), {"supported_engines": ["qnnpack"]})())
+    with pytest.raises(llmkit.errors.LlmkitError, match="quant fp16 needs PyTorch's fbgemm kernels"):
+        llmkit.build("tiny-smollm2-135m", dtype="float32", quant="fp16")
+
+
+def test_compiled_fp16_decode_is_one_graph_with_eagers_tokens() -> None:
+    """fbgemm's packed object cannot be traced: the compiled step reaches it through the
+    `llmkit_cpu::linear_fp16` op, so the graph does not break; the tied head packs eagerly."""
+    import torch._dynamo
+
+    with pytest.warns(llmkit.errors.FallbackWarning):
+        model = llmkit.build("tiny-smollm2-135m", dtype="float32", quant="fp16", seed=5)
+    ids = torch.randint(0, model.spec.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+    eager = model.generate(ids, 6, eos=False)
+    model.head._cpu_tied = None  # so the first compiled step brings the tied matrix
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(ids, 6, eos=False, compile=True)
+    assert torch.equal(compiled, eager)
+    assert not torch._dynamo.utils.counters["graph_break"]
 
 
 def _finish_with(model, ids: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
@@ -359,17 +407,18 @@ def test_blocks_left_unquantised_are_named() -> None:
     assert "moe@1 (cpu.grouped) x2, e.g. layers.0.mlp" in messages[0]
 
 
-@pytest.mark.parametrize("mode, agree", [("int8", 0.9), ("int4", 0.85)])
-def test_smollm2_quantised_accuracy(mode, agree) -> None:
-    """Next-token agreement with the unquantised bf16 model on real text (documented cost), the
-    quantised model fed one token at a time through its cache, as in decoding."""
+@pytest.mark.parametrize("mode, dtype, agree", [("int8", "bfloat16", 0.9), ("int4", "bfloat16", 0.85),
+                                               ("fp16", "float32", 0.98)])
+def test_smollm2_quantised_accuracy(mode, dtype, agree) -> None:
+    """Next-token agreement with the unquantised model in the same dtype on real text (documented
+    cost), the quantised model fed one token at a time through its cache, as in decoding."""
     text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
             "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
             "from 1887 to 1889. Locally nicknamed the Iron Lady, it was constructed as the centrepiece "
             "of the 1889 World's Fair.")
     with pytest.warns(llmkit.errors.FallbackWarning):
-        base = llmkit.load("smollm2-135m", dtype="bfloat16")
-        quantised = llmkit.load("smollm2-135m", dtype="bfloat16", quant=mode)
+        base = llmkit.load("smollm2-135m", dtype=dtype)
+        quantised = llmkit.load("smollm2-135m", dtype=dtype, quant=mode)
     ids = torch.tensor([base.tokenizer.encode(text)])
     with torch.inference_mode():
         a = base(ids).float()

@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from llmkit.cache import LayerCache, as_positions
 from llmkit_blocks import attention as _attn
 
-from .quant import linear, quantize
+from .quant import grouped, linear, quantize
+
+_QKV = ("wq", "wk", "wv")
 
 _CHUNK = 512
 _DECODE_GEMM_KEYS = 256
 """Above this many keys a one-query step uses two grouped GEMMs: SDPA's CPU kernel scales badly
-there (bf16, 9 heads: 0.28 ms vs 0.08 ms at 512 keys, 1.1 ms vs 0.13 ms at 2048; at 64 keys SDPA
-wins, 0.05 ms vs 0.07 ms)."""
+there (bf16, 9 heads, AVX-512 VM: 0.28 ms vs 0.08 ms at 512 keys, 1.1 ms vs 0.13 ms at 2048; at
+64 keys SDPA wins, 0.05 ms vs 0.07 ms)."""
 _MASK_ELEMENTS = 1 << 24
 """Largest boolean mask (queries x keys) `cpu.sdpa` builds at once: 16 MiB per batch row."""
 
@@ -40,7 +42,7 @@ _MASK_ELEMENTS = 1 << 24
 def _project(block: Any, x: torch.Tensor, pos: torch.Tensor,
              cache: LayerCache | None) -> tuple[torch.Tensor, ...]:
     """q [B, H, T, D], k and v [B, Hkv, S, D] (cached + new) and key positions [B, S]."""
-    q, k, v = _attn.project(block, x, pos, linear)
+    q, k, v = _attn.project(block, x, pos, grouped(block, _QKV, x))
     k_pos = pos
     if cache is not None:
         full, k_pos = cache.extend(pos, k=k, v=v)
@@ -49,8 +51,8 @@ def _project(block: Any, x: torch.Tensor, pos: torch.Tensor,
 
 
 def prepare(block: Any, target: Any) -> None:
-    """Pack the projections when the target asks for weight-only quantisation."""
-    names = ["wqkv", "wo"] if block.config.fused_qkv else ["wq", "wk", "wv", "wo"]
+    """Pack the projections when the target asks for it (q, k and v as one matrix)."""
+    names = ["wqkv", "wo"] if block.config.fused_qkv else [_QKV, "wo"]
     quantize(block, names, target)
 
 
@@ -92,7 +94,7 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
     """One query per row over the cache: the g query heads of a KV head as one [g, S] GEMM (no K/V
     copies), in float32 (float64 for float64 inputs): the reference promotes the scores to float32
     anyway, and without native bf16/fp16 instructions (AVX2) PyTorch's half-precision batched GEMMs
-    are 4-8x slower than upcasting K and V and running float32 ones."""
+    are 3-8x slower than upcasting K and V and running float32 ones."""
     b, h, _, d = q.shape
     hkv = k.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)

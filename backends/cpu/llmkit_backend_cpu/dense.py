@@ -1,5 +1,6 @@
-"""CPU impls of the blocks made of linears — `mlp@1` and `head@1` — whose point is weight-only
-quantisation (see quant.py): unquantised they compute exactly the reference's formula.
+"""CPU impls of the blocks made of linears — `mlp@1` and `head@1` — whose point is packed
+(quantised or half-precision) weights (see quant.py): unpacked they compute exactly the
+reference's formula. A gated MLP packs W_gate and W_up as one matrix: one GEMM at decode.
 
 mlp:  y = W_down (act(W_gate x + b_gate) * (W_up x + b_up)) + b_down   (ungated: W_down act(W_up x + b_up) + b_down)
 head: logits = x W^T + b, times the output multiplier, then the final soft-cap. A tied head's
@@ -19,18 +20,22 @@ from llmkit_blocks import embedding as _embedding
 from llmkit_blocks.mlp import activation
 
 from . import quant
-from .quant import linear, matmul, pack, quantize
+from .quant import grouped, linear, matmul, pack, quantize
+
+
+_GATE_UP = ("w_gate", "w_up")
 
 
 def mlp_prepare(block: Any, target: Target) -> None:
-    quantize(block, ["w_gate", "w_up", "w_down"] if block.config.gated else ["w_up", "w_down"], target)
+    quantize(block, [_GATE_UP, "w_down"] if block.config.gated else ["w_up", "w_down"], target)
 
 
 def mlp_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
     c = block.config
-    up = linear(block, "w_up", "b_up" if c.bias else None, x)
+    lin = grouped(block, _GATE_UP, x) if c.gated else linear
+    up = lin(block, "w_up", "b_up" if c.bias else None, x)
     if c.gated:
-        h = activation(c.activation, linear(block, "w_gate", "b_gate" if c.bias else None, x)) * up
+        h = activation(c.activation, lin(block, "w_gate", "b_gate" if c.bias else None, x)) * up
     else:
         h = activation(c.activation, up)
     return linear(block, "w_down", "b_down" if c.bias else None, h)
@@ -50,11 +55,19 @@ def head_forward(block: Any, x: torch.Tensor, tied_weight: torch.Tensor | None =
     bias = block.bias if c.bias else None
     if not c.tied:
         logits = linear(block, "weight", "bias" if c.bias else None, x)
-    elif block._cpu_tied_mode is None or x.numel() > quant.PACKED_MAX_ROWS * x.shape[-1]:
+    elif block._cpu_tied_mode is None or not quant.small(x):
         logits = F.linear(x, tied_weight, bias)
     else:
         if block._cpu_tied is None or block._cpu_tied[0] is not tied_weight:
-            block._cpu_tied = (tied_weight, pack(tied_weight, block._cpu_tied_mode, x.dtype))
+            _pack_tied(block, tied_weight, x.dtype)
         logits = matmul(block._cpu_tied[1], x)
         logits = logits + bias if bias is not None else logits
     return _embedding.finish_logits(c, logits)
+
+
+@torch.compiler.disable
+def _pack_tied(block: Any, tied_weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """Pack the tied matrix, eagerly: when the first call that brings it is a compiled decode
+    step, packing is not part of the graph (fbgemm's packed object cannot be traced), and the
+    step recompiles once without it."""
+    block._cpu_tied = (tied_weight, pack(tied_weight, block._cpu_tied_mode, dtype))
