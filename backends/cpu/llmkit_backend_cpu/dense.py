@@ -47,6 +47,9 @@ def head_prepare(block: Any, target: Target) -> None:
     block._cpu_tied = None
     if block.config.tied and block._cpu_tied_mode is not None:
         block.quantized = block._cpu_tied_mode
+        # eager even inside a compiled step; wrapped here, not at import: torch.compiler.disable
+        # imports dynamo (~140 MiB of RSS), which plugin discovery should not pay
+        block._cpu_pack_tied = torch.compiler.disable(_pack_tied)
 
 
 def head_forward(block: Any, x: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,13 +62,12 @@ def head_forward(block: Any, x: torch.Tensor, tied_weight: torch.Tensor | None =
         logits = F.linear(x, tied_weight, bias)
     else:
         if block._cpu_tied is None or block._cpu_tied[0] is not tied_weight:
-            _pack_tied(block, tied_weight, x.dtype)
+            block._cpu_pack_tied(block, tied_weight, x.dtype)
         logits = matmul(block._cpu_tied[1], x)
         logits = logits + bias if bias is not None else logits
     return _embedding.finish_logits(c, logits)
 
 
-@torch.compiler.disable
 def _pack_tied(block: Any, tied_weight: torch.Tensor, dtype: torch.dtype) -> None:
     """Pack the tied matrix, eagerly: when the first call that brings it is a compiled decode
     step, packing is not part of the graph (fbgemm's packed object cannot be traced), and the

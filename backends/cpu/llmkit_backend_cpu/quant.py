@@ -23,6 +23,7 @@ matrix, so a decode step runs one GEMM for them instead of two or three (`groupe
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from collections.abc import Iterable, Sequence
@@ -67,11 +68,6 @@ class _Fp16Handle:
         weakref.finalize(self, _FP16.pop, self.slot, None)
 
 
-_LIB = torch.library.Library("llmkit_cpu", "DEF")
-# a plain dispatcher op, not `torch.library.custom_op`: that wrapper costs ~200 us a call
-_LIB.define("linear_fp16(Tensor x, int slot, int out_features) -> Tensor")
-
-
 def _linear_fp16(x: torch.Tensor, slot: int, out_features: int) -> torch.Tensor:
     """x [N, in] float32 @ W^T with the fp16 matrix packed in `slot`."""
     return torch.ops.quantized.linear_dynamic_fp16(x, _FP16[slot])
@@ -81,8 +77,16 @@ def _linear_fp16_fake(x: torch.Tensor, slot: int, out_features: int) -> torch.Te
     return x.new_empty(x.shape[0], out_features)
 
 
-_LIB.impl("linear_fp16", _linear_fp16, "CPU")
-torch.library.register_fake("llmkit_cpu::linear_fp16", _linear_fp16_fake, lib=_LIB)
+@functools.cache
+def _register_fp16_op() -> torch.library.Library:
+    """Define `llmkit_cpu::linear_fp16` at the first fp16 pack, not at import: registering a fake
+    impl imports torch's tracing machinery (~140 MiB of RSS), which plugin discovery should not pay.
+    A plain dispatcher op, not `torch.library.custom_op`: that wrapper cost ~200 us a call here."""
+    lib = torch.library.Library("llmkit_cpu", "DEF")
+    lib.define("linear_fp16(Tensor x, int slot, int out_features) -> Tensor")
+    lib.impl("linear_fp16", _linear_fp16, "CPU")
+    torch.library.register_fake("llmkit_cpu::linear_fp16", _linear_fp16_fake, lib=lib)
+    return lib
 
 
 def fp16_available() -> str | None:
@@ -101,6 +105,7 @@ def pack(w: torch.Tensor, mode: str, dtype: torch.dtype) -> Packed:
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return Packed(mode, q, scale.to(dtype), out_features)
     if mode == "fp16":
+        _register_fp16_op()
         return Packed(mode, _Fp16Handle(torch.ops.quantized.linear_prepack_fp16(w.contiguous(), None)), None,
                       out_features)
     if in_features % GROUP:
