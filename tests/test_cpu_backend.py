@@ -11,6 +11,7 @@ positions near 2^15 and 2^16, every declared dtype; MoE routing with ties at the
 from __future__ import annotations
 
 import copy
+import gc
 from typing import Any
 
 import pytest
@@ -105,12 +106,17 @@ def test_chunk_boundaries_and_long_positions(monkeypatch, impl, t) -> None:
 @pytest.mark.parametrize("impl", ["sdpa", "flash"])
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("gemm", [False, True])
-def test_decode_over_a_cache_with_padding(monkeypatch, dtype, impl, window, static, gemm) -> None:
+@pytest.mark.parametrize("decode", ["sdpa", "gemm", "fused"])
+def test_decode_over_a_cache_with_padding(monkeypatch, dtype, impl, window, static, decode) -> None:
     """Left-padded prompts (negative positions), then one token at a time through a cache; sdpa's
-    decode runs through SDPA for short caches and two grouped GEMMs for long ones (forced here)."""
-    if gemm:
+    decode runs through SDPA for short caches and two grouped GEMMs for long ones (forced here), and
+    inside a compiled step as products and reductions (run eagerly here; the compiled-generation
+    tests run it through inductor)."""
+    if decode != "sdpa":
         monkeypatch.setattr(cpu_attention, "_DECODE_GEMM_KEYS", 0)
+    if decode == "fused":
+        real = cpu_attention._decode
+        monkeypatch.setattr(cpu_attention, "_decode", lambda *a, **kw: real(*a, **{**kw, "compiled": True}))
     exact, naive, under = _blocks("attention", {**ATTN, "n_kv_heads": 2, "window": window}, dtype, impl)
     pos = torch.tensor([[-1, -1, -1, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
     x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
@@ -389,6 +395,21 @@ def test_compiled_fp16_decode_is_one_graph_with_eagers_tokens() -> None:
     compiled = model.generate(ids, 6, eos=False, compile=True)
     assert torch.equal(compiled, eager)
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_a_copy_of_an_fp16_model_outlives_the_original() -> None:
+    """fbgemm's packed matrices sit in slots owned by handles: a deep copy gets slots of its own,
+    so freeing the original does not pull them from under the copy."""
+    with pytest.warns(llmkit.errors.FallbackWarning):
+        model = llmkit.build("tiny-smollm2-135m", dtype="float32", quant="fp16", seed=5)
+    ids = torch.randint(0, 200, (1, 4), generator=torch.Generator().manual_seed(0))  # 4 rows: packed
+    with torch.no_grad():
+        want = model(ids)
+    twin = copy.deepcopy(model)
+    del model
+    gc.collect()
+    with torch.no_grad():
+        assert torch.equal(twin(ids), want)
 
 
 def _finish_with(model, ids: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,26 @@ def test_cli_info_reports_broken_plugins_and_env_switches(subprocess_env) -> Non
     assert {p["name"] for p in info["plugins"] if p["status"] == "ok"} == {"blocks", "cpu"}
     assert info["environment"]["plugin_allowlist"] == ["blocks", "cpu"]
     assert out.stderr == ""
+
+
+def test_discovering_the_installed_plugins_stays_light() -> None:
+    """Discovery runs on every load and CLI call: it must not pull in torch's compiler stack
+    (dynamo: ~140 MiB of RSS, once added by a plugin that registered a fake impl at import). The
+    RSS bound leaves room for what discovery does import (triton, onnxruntime: ~90 MiB here)."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux /proc for the RSS")
+    code = (
+        "import json, re, sys, torch, llmkit, llmkit.registry\n"
+        "def kib(): return int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+        "before = kib()\n"
+        "llmkit.registry.default_registry()\n"
+        "print(json.dumps([(kib() - before) / 1024, [m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules]]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    growth_mib, compiler_modules = json.loads(out.stdout.splitlines()[-1])
+    print(f"\nplugin discovery: RSS grew {growth_mib:.0f} MiB")
+    assert compiler_modules == []
+    assert growth_mib < 120
 
 
 # ---------------------------------------------------------------- contract violations, in process

@@ -60,12 +60,19 @@ _slots = itertools.count()
 
 
 class _Fp16Handle:
-    """Owns one `_FP16` slot; the slot is freed with the handle (that is, with its block)."""
+    """Owns one `_FP16` slot; the slot is freed with the handle (that is, with its block). A copy
+    gets a slot of its own for the same (immutable) packed matrix, so freeing one leaves the other."""
 
     def __init__(self, packed: Any) -> None:
         self.slot = next(_slots)
         _FP16[self.slot] = packed
         weakref.finalize(self, _FP16.pop, self.slot, None)
+
+    def __copy__(self) -> _Fp16Handle:
+        return _Fp16Handle(_FP16[self.slot])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Fp16Handle:
+        return self.__copy__()
 
 
 def _linear_fp16(x: torch.Tensor, slot: int, out_features: int) -> torch.Tensor:
@@ -156,8 +163,8 @@ def matmul(entry: Packed, x: torch.Tensor) -> torch.Tensor:
         x32 = flat.float().contiguous()
         slot = entry.weight.slot
         # eager calls skip the custom op's dispatch cost (tens of microseconds a call)
-        y = (torch.ops.llmkit_cpu.linear_fp16(x32, slot, entry.out_features) if torch.compiler.is_compiling()
-             else torch.ops.quantized.linear_dynamic_fp16(x32, _FP16[slot])).to(x.dtype)
+        op = torch.ops.llmkit_cpu.linear_fp16 if torch.compiler.is_compiling() else _linear_fp16
+        y = op(x32, slot, entry.out_features).to(x.dtype)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
