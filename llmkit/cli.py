@@ -398,7 +398,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
         from .export import export_onnx
 
         out = export_onnx(model, args.out)
-        console.print(f"wrote {out}/prefill.onnx, decode.onnx, manifest.json, run.py; try: "
+        console.print(f"wrote {out}/model.onnx, manifest.json, run.py; try: "
                       f"python {out}/run.py --prompt 'Hello' (needs numpy, onnxruntime, tokenizers)")
     else:
         from .export_mlir import export_mlir
