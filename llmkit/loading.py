@@ -187,7 +187,7 @@ def load(
 ) -> Any:
     """Load a checkpoint into a `Model` (with `.tokenizer` when the source has one) and bind impls.
 
-    `policy`, `certs`, `quant` (packed weights: "int8", "int4", "fp16") and `parallel` (every
+    `policy`, `certs`, `quant` (packed weights: "int8", "int4", "w4a8", "fp16") and `parallel` (every
     rank loads the whole checkpoint, then keeps its shard) as for `llmkit.build`."""
     from .assembly import assemble
     from .model import Model, _merge_selection, apply_parallel, check_parallel, check_quant

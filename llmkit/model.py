@@ -162,7 +162,7 @@ def build(
     `model.plan`. dtype defaults to the spec's, else float32; policy to the spec's, else "auto".
     `policy="certified"` runs only impls with a passing, valid certificate for this environment,
     read from `certs` (files or directories; default: the spec's, else `certificate.cert_dir()`).
-    `quant` ("int8", "int4", "fp16" on the cpu backend) asks the impls to pack their linear
+    `quant` ("int8", "int4", "w4a8", "fp16" on the cpu backend) asks the impls to pack their linear
     weights in that format; blocks whose impl does not are named in a warning, and an impl that
     does not know the mode refuses it. `parallel` ({"tp": 2, "ep": 2}; inside a torchrun-launched
     process) shards the model across the process group (`llmkit.parallel`); `model.parallel_plan`

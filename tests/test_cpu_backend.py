@@ -25,7 +25,7 @@ from llmkit.cache import LayerCache, StaticLayerCache
 from llmkit.registry import default_registry
 from llmkit.testing import bind_reference
 from llmkit_backend_cpu import attention as cpu_attention
-from llmkit_backend_cpu import quant
+from llmkit_backend_cpu import quant, w4a8
 
 REG = default_registry()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -298,7 +298,8 @@ def test_head_unquantised_is_the_reference(dtype, config) -> None:
 
 
 # ---------------------------------------------------------------- packed (quantised) linears
-MODES = ["int8", "int4", "fp16"]
+MODES = ["int8", "int4", "w4a8", "fp16"]
+WEIGHT_ONLY = ["int8", "int4", "fp16"]  # w4a8 rounds the activations too: tested on its own below
 
 
 def _dequantised(entry: quant.Packed, in_features: int) -> torch.Tensor:
@@ -314,7 +315,7 @@ def test_quantised_weights_are_within_half_a_step(mode) -> None:
     err = (_dequantised(entry, 128) - w).abs()
     if mode == "int8":
         step = w.abs().amax(1, keepdim=True) / 127
-    elif mode == "int4":
+    elif mode in ("int4", "w4a8"):  # x = I passes w4a8's activation rounding exactly
         g = w.view(96, -1, quant.GROUP)
         step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(quant.GROUP, dim=1)
     else:  # half's spacing at |w| (normal range): 2^(floor(log2|w|) - 10)
@@ -323,7 +324,7 @@ def test_quantised_weights_are_within_half_a_step(mode) -> None:
     assert err.max() > 0  # it is quantised
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", WEIGHT_ONLY)
 @pytest.mark.parametrize("preset", ["tiny-smollm2-135m", "tiny-qwen1.5-0.5b"])
 def test_quantised_model_equals_the_model_with_dequantised_weights(mode, preset) -> None:
     """At decode sizes the packed kernels compute x @ dequant(W)^T: a model carrying those
@@ -360,6 +361,41 @@ def test_quantised_model_equals_the_model_with_dequantised_weights(mode, preset)
     assert {m.quantized for m in model.modules() if getattr(m, "quantized", None)} == {mode}
 
 
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as w4a8 rounds it: per block of 32, e = max|x| / 127, x ~ e round(x / e) (float64)."""
+    g = x.double().view(x.shape[0], -1, quant.GROUP)
+    e = g.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(g / torch.where(e > 0, e, 1)) * e).view(x.shape)
+
+
+@pytest.mark.parametrize("rows, k, n", [(1, 32, 1), (3, 96, 33), (16, 576, 300), (5, 1536, 17)])
+def test_w4a8_multiplies_the_dequantised_weights_by_int8_blocks_of_the_activations(rows, k, n) -> None:
+    """The kernel against its formula in float64: dequant(W) from the same kernel (x = I is exact),
+    activations rounded per block of 32 (one block all zero, one with an outlier)."""
+    gen = torch.Generator().manual_seed(k + n)
+    w = torch.randn(n, k, generator=gen) * torch.linspace(0.01, 1, n)[:, None]
+    x = torch.randn(rows, k, generator=gen)
+    x[0, :32] = 0
+    x[-1, -1] = 50.0
+    entry = quant.pack(w, "w4a8", torch.float32)
+    want = _int8_blocks(x) @ _dequantised(entry, k).double().T
+    got = quant.matmul(entry, x).double()
+    bound = 1e-6 * (_int8_blocks(x).abs() @ _dequantised(entry, k).double().abs().T)  # float32 sums
+    assert ((got - want).abs() <= bound + 1e-30).all()
+    assert (got - x.double() @ w.double().T).abs().max() > 0  # it is quantised
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(-20, 20), st.integers(0, 2**16))
+def test_w4a8_commutes_with_a_power_of_two_scale_of_the_activations(exponent, seed) -> None:
+    """Block scales are max|x| / 127: x * 2^j rounds to the same int8 values with scales * 2^j,
+    so the output scales by exactly 2^j (no float rounding differs)."""
+    gen = torch.Generator().manual_seed(seed)
+    entry = quant.pack(torch.randn(24, 64, generator=gen), "w4a8", torch.float32)
+    x = torch.randn(2, 64, generator=gen)
+    assert torch.equal(quant.matmul(entry, x * 2.0**exponent), quant.matmul(entry, x) * 2.0**exponent)
+
+
 def test_fp16_packing_in_a_bfloat16_block_meets_the_precision_rule() -> None:
     """bf16 weights are exact in half precision, so an fp16-packed bfloat16 MLP (activations
     upcast to float32 around each GEMM) meets the precision rule against the float64 reference."""
@@ -373,20 +409,55 @@ def test_fp16_packing_in_a_bfloat16_block_meets_the_precision_rule() -> None:
 
 
 def test_a_mode_the_backend_lacks_is_refused_by_name(monkeypatch) -> None:
-    with pytest.raises(llmkit.errors.LlmkitError, match=r"quant 'int2' is not supported by the cpu backend \(int8, int4, fp16\)"):
+    with pytest.raises(llmkit.errors.LlmkitError,
+                       match=r"quant 'int2' is not supported by the cpu backend \(int8, int4, w4a8, fp16\)"):
         llmkit.build("tiny-smollm2-135m", dtype="float32", quant="int2")
     monkeypatch.setattr(torch.backends, "quantized", type("Q", (), {"supported_engines": ["qnnpack"]})())
     with pytest.raises(llmkit.errors.LlmkitError, match="quant fp16 needs PyTorch's fbgemm kernels"):
         llmkit.build("tiny-smollm2-135m", dtype="float32", quant="fp16")
 
 
-def test_compiled_fp16_decode_is_one_graph_with_eagers_tokens() -> None:
-    """fbgemm's packed object cannot be traced: the compiled step reaches it through the
-    `llmkit_cpu::linear_fp16` op, so the graph does not break; the tied head packs eagerly."""
+@pytest.mark.parametrize("cc, capability, reason", [
+    ("no-such-cc", "AVX2", "quant w4a8 builds its kernel with a C compiler at first use; 'no-such-cc' was not found"),
+    ("false", "AVX2", "quant w4a8: building its kernel with .*false failed"),
+    (None, "DEFAULT", r"quant w4a8 needs an x86 CPU with AVX2 and FMA \(PyTorch reports DEFAULT\)"),
+])
+def test_w4a8_without_its_kernel_is_refused_with_the_reason(monkeypatch, tmp_path, cc, capability, reason) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
+    if cc is not None:
+        monkeypatch.setenv("CC", cc)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    w4a8._kernel.cache_clear()
+    try:
+        with pytest.raises(llmkit.errors.LlmkitError, match=reason):
+            llmkit.build("tiny-smollm2-135m", dtype="float32", quant="w4a8")
+        assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+    finally:
+        w4a8._kernel.cache_clear()
+
+
+def test_w4a8_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    w4a8._kernel.cache_clear()
+    try:
+        assert w4a8.unavailable() is None
+        (built,) = tmp_path.glob("llmkit/cpu-kernels/w4a8-*.so")
+        stamp = built.stat().st_mtime_ns
+        w4a8._kernel.cache_clear()
+        assert w4a8.unavailable() is None and built.stat().st_mtime_ns == stamp
+    finally:
+        w4a8._kernel.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["fp16", "w4a8"])
+def test_compiled_packed_decode_is_one_graph_with_eagers_tokens(mode) -> None:
+    """fbgemm's packed object and the w4a8 kernel cannot be traced: the compiled step reaches them
+    through the `llmkit_cpu::linear_fp16` / `linear_w4a8` ops, so the graph does not break; the
+    tied head packs eagerly."""
     import torch._dynamo
 
     with pytest.warns(llmkit.errors.FallbackWarning):
-        model = llmkit.build("tiny-smollm2-135m", dtype="float32", quant="fp16", seed=5)
+        model = llmkit.build("tiny-smollm2-135m", dtype="float32", quant=mode, seed=5)
     ids = torch.randint(0, model.spec.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
     eager = model.generate(ids, 6, eos=False)
     model.head._cpu_tied = None  # so the first compiled step brings the tied matrix
@@ -429,7 +500,7 @@ def test_blocks_left_unquantised_are_named() -> None:
 
 
 @pytest.mark.parametrize("mode, dtype, agree", [("int8", "bfloat16", 0.9), ("int4", "bfloat16", 0.85),
-                                               ("fp16", "float32", 0.98)])
+                                               ("w4a8", "float32", 0.85), ("fp16", "float32", 0.98)])
 def test_smollm2_quantised_accuracy(mode, dtype, agree) -> None:
     """Next-token agreement with the unquantised model in the same dtype on real text (documented
     cost), the quantised model fed one token at a time through its cache, as in decoding."""

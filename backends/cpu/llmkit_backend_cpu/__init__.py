@@ -46,8 +46,8 @@ def llmkit_impls() -> list[Impl]:
              summary="RMSNorm / LayerNorm statistics in one fused kernel, float32 accumulation"),
         Impl(kind="mlp@1", backend="cpu", name="linear", forward=dense.mlp_forward, prepare=dense.mlp_prepare,
              device_types={"cpu"}, dtypes=_FLOATS, features={ANY}, priority=10,
-             summary="gated/ungated MLP; packed int8/int4/fp16 linears with quant (gate and up as one)"),
+             summary="gated/ungated MLP; packed int8/int4/w4a8/fp16 linears with quant (gate and up as one)"),
         Impl(kind="head@1", backend="cpu", name="linear", forward=dense.head_forward, prepare=dense.head_prepare,
              device_types={"cpu"}, dtypes=_FLOATS, features={ANY}, priority=10,
-             summary="LM head (tied or not, multiplier, soft-cap); packed int8/int4/fp16 with quant"),
+             summary="LM head (tied or not, multiplier, soft-cap); packed int8/int4/w4a8/fp16 with quant"),
     ]

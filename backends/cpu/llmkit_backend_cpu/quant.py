@@ -1,6 +1,6 @@
 """Packed (weight-compressed) linears for the CPU impls, on PyTorch's CPU kernels.
 
-Selected per model with `quant="int8"`, `"int4"` or `"fp16"` (`llmkit.load/build(..., quant=...)`,
+Selected per model with `quant="int8"`, `"int4"`, `"w4a8"` or `"fp16"` (`llmkit.load/build(..., quant=...)`,
 CLI `--quant`), which reaches impls as the target fact `quant`. An impl that supports it packs its
 block's linear weights once, in `prepare`, into `block._cpu_quant` (the float parameters stay: the
 state dict is the same on every backend); `linear` then uses the packed weights for decode-sized
@@ -14,6 +14,8 @@ matrix, so a decode step runs one GEMM for them instead of two or three (`groupe
   q = round((w - min) / s) in [0, 15], w ~ (q - 8) s + z with z = min + 8 s (the kernel's
   convention); `torch._weight_int4pack_mm_for_cpu`. Error per weight <= s / 2 (plus bf16 rounding
   of s and z).
+- w4a8: the int4 weights above (float32 s and min), and activations rounded to int8 per block of
+  32 at every call: integer dot products in this plugin's AVX2 kernel (w4a8.py, w4a8.c).
 - fp16: weights rounded to IEEE half (relative error <= 2^-11 in half's normal range), packed by
   fbgemm (`quantized::linear_prepack_fp16`); `quantized::linear_dynamic_fp16` converts them back
   and multiplies in float32 with float32 activations (a bfloat16 model's activations are upcast
@@ -35,7 +37,9 @@ from llmkit.errors import LlmkitError
 from llmkit.hookspecs import Target
 from llmkit_blocks import attention as _attn
 
-MODES = ("int8", "int4", "fp16")
+from . import w4a8
+
+MODES = ("int8", "int4", "w4a8", "fp16")
 GROUP = 32
 PACKED_MAX_ROWS = 16
 """Above this many rows (prefill) a linear uses the float weight, which the block keeps anyway: a
@@ -46,7 +50,7 @@ at decode the packed weight's smaller reads win. Packing is thus a decode-time c
 
 class Packed(NamedTuple):
     """One packed matrix: `weight` is the kernel's operand (a `_Fp16Handle` for fp16), `scales`
-    its int8 scales or int4 scales-and-zeros (None for fp16)."""
+    its int8 scales, int4 scales-and-zeros, w4a8 scales-and-minima (None for fp16)."""
     mode: str
     weight: Any
     scales: torch.Tensor | None
@@ -88,7 +92,8 @@ def _linear_fp16_fake(x: torch.Tensor, slot: int, out_features: int) -> torch.Te
 def _register_fp16_op() -> torch.library.Library:
     """Define `llmkit_cpu::linear_fp16` at the first fp16 pack, not at import: registering a fake
     impl imports torch's tracing machinery (~140 MiB of RSS), which plugin discovery should not pay.
-    A plain dispatcher op, not `torch.library.custom_op`: that wrapper cost ~200 us a call here."""
+    A plain dispatcher op, not `torch.library.custom_op`: under torch.profiler that wrapper showed
+    ~200 us a call, this op 57 us (timed without the profiler: 5-10 us more than fbgemm's call)."""
     lib = torch.library.Library("llmkit_cpu", "DEF")
     lib.define("linear_fp16(Tensor x, int slot, int out_features) -> Tensor")
     lib.impl("linear_fp16", _linear_fp16, "CPU")
@@ -116,7 +121,10 @@ def pack(w: torch.Tensor, mode: str, dtype: torch.dtype) -> Packed:
         return Packed(mode, _Fp16Handle(torch.ops.quantized.linear_prepack_fp16(w.contiguous(), None)), None,
                       out_features)
     if in_features % GROUP:
-        raise LlmkitError(f"int4 needs in_features divisible by {GROUP}, got {in_features}")
+        raise LlmkitError(f"{mode} needs in_features divisible by {GROUP}, got {in_features}")
+    if mode == "w4a8":
+        w4a8.register_op()
+        return Packed(mode, *w4a8.pack(w), out_features)
     g = w.view(out_features, in_features // GROUP, GROUP)
     low = g.amin(dim=-1)
     scale = ((g.amax(dim=-1) - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
@@ -143,6 +151,8 @@ def quantize(block: Any, names: Iterable[str | Sequence[str]], target: Target) -
         raise LlmkitError(f"quant {mode!r} is not supported by the cpu backend ({', '.join(MODES)})")
     if mode == "fp16" and (why := fp16_available()):
         raise LlmkitError(why)
+    if mode == "w4a8" and (why := w4a8.unavailable()):
+        raise LlmkitError(why)
     for name in names:
         if isinstance(name, str):
             block._cpu_quant[name] = pack(getattr(block, name), mode, target.dtype)
@@ -159,10 +169,14 @@ def matmul(entry: Packed, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int8pack_mm(flat, entry.weight, entry.scales)
     elif entry.mode == "int4":
         y = torch._weight_int4pack_mm_for_cpu(flat, entry.weight, GROUP, entry.scales)
+    elif entry.mode == "w4a8":
+        # eager calls skip the dispatcher, as for fp16 below
+        op = torch.ops.llmkit_cpu.linear_w4a8 if torch.compiler.is_compiling() else w4a8.linear
+        y = op(flat.float().contiguous(), entry.weight, entry.scales[0], entry.scales[1]).to(x.dtype)
     else:
         x32 = flat.float().contiguous()
         slot = entry.weight.slot
-        # eager calls skip the custom op's dispatch cost (tens of microseconds a call)
+        # eager calls skip the op's dispatch (5-10 us a call more than calling fbgemm directly)
         op = torch.ops.llmkit_cpu.linear_fp16 if torch.compiler.is_compiling() else _linear_fp16
         y = op(x32, slot, entry.out_features).to(x.dtype)
     return y.view(*x.shape[:-1], y.shape[-1])
