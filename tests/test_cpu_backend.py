@@ -362,26 +362,41 @@ def test_quantised_model_equals_the_model_with_dequantised_weights(mode, preset)
 
 
 def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x as w4a8 rounds it: per block of 32, e = max|x| / 127, x ~ e round(x / e) (float64)."""
-    g = x.double().view(x.shape[0], -1, quant.GROUP)
-    e = g.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(g / torch.where(e > 0, e, 1)) * e).view(x.shape)
+    """x as w4a8 rounds it, as float64: per block of 32, e = max|x| / 127, x ~ e round(x (127 / max|x|)),
+    with e, 127 / max|x| and the product in float32 as the kernel has them (bfloat16 inputs land
+    on ties often: rounding x / e in float64 instead would move some by one step)."""
+    g = x.float().view(x.shape[0], -1, quant.GROUP)
+    amax = g.abs().amax(-1, keepdim=True)
+    # full_like: `127 / amax` would be computed as 127 * (1 / amax), rounded twice
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv).double() * (amax / 127).double()).view(x.shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, k, n", [(1, 32, 1), (3, 96, 33), (16, 576, 300), (5, 1536, 17)])
-def test_w4a8_multiplies_the_dequantised_weights_by_int8_blocks_of_the_activations(rows, k, n) -> None:
-    """The kernel against its formula in float64: dequant(W) from the same kernel (x = I is exact),
-    activations rounded per block of 32 (one block all zero, one with an outlier)."""
+def test_w4a8_multiplies_the_dequantised_weights_by_int8_blocks_of_the_activations(rows, k, n, dtype) -> None:
+    """The kernel against its formula in float64: dequant(W) unpacked here from the nibbles, d and
+    m, activations rounded per block of 32 (one block all zero, one with an outlier). A bfloat16
+    model's activations are upcast exactly, the output rounded once to bfloat16."""
     gen = torch.Generator().manual_seed(k + n)
     w = torch.randn(n, k, generator=gen) * torch.linspace(0.01, 1, n)[:, None]
     x = torch.randn(rows, k, generator=gen)
     x[0, :32] = 0
     x[-1, -1] = 50.0
-    entry = quant.pack(w, "w4a8", torch.float32)
-    want = _int8_blocks(x) @ _dequantised(entry, k).double().T
-    got = quant.matmul(entry, x).double()
-    bound = 1e-6 * (_int8_blocks(x).abs() @ _dequantised(entry, k).double().abs().T)  # float32 sums
-    assert ((got - want).abs() <= bound + 1e-30).all()
+    x = x.to(dtype)
+    entry = quant.pack(w, "w4a8", dtype)
+    nibbles = entry.weight.view(n, k // quant.GROUP, quant.GROUP // 2).long()
+    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)  # byte j: q_j low, q_{j+16} high
+    d, m = entry.scales.double()
+    dequant = (d[..., None] * q + m[..., None]).view(n, k)
+    assert (dequant - w).abs().max() <= d.max() / 2 + 1e-6  # and through the kernel: test above
+    want = _int8_blocks(x) @ dequant.T
+    got = quant.matmul(entry, x)
+    assert got.dtype == dtype
+    bound = 1e-6 * (_int8_blocks(x).abs() @ dequant.abs().T)  # float32 sums
+    if dtype == torch.bfloat16:
+        bound = bound + want.abs() * 2.0**-8  # round to nearest, 8 significant bits
+    assert ((got.double() - want).abs() <= bound + 1e-30).all()
     assert (got - x.double() @ w.double().T).abs().max() > 0  # it is quantised
 
 
