@@ -32,7 +32,7 @@ from .cache import LayerCache
 from .errors import LlmkitError
 
 RUNNER = Path(__file__).with_name("onnx_runner.py")
-FORMAT = "llmkit-onnx/2"
+FORMAT = "llmkit-onnx/2"  # run.py (onnx_runner.py) checks it; it keeps its own copy: it imports nothing of llmkit
 
 
 def _example_cache(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> list[dict[str, torch.Tensor]]:
