@@ -122,14 +122,14 @@ def pack(w: torch.Tensor, mode: str, dtype: torch.dtype) -> Packed:
                       out_features)
     if in_features % GROUP:
         raise LlmkitError(f"{mode} needs in_features divisible by {GROUP}, got {in_features}")
-    if mode == "w4a8":
-        w4a8.register_op()
-        return Packed(mode, *w4a8.pack(w), out_features)
     g = w.view(out_features, in_features // GROUP, GROUP)
     low = g.amin(dim=-1)
     scale = ((g.amax(dim=-1) - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features), 1)
+    q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15)
+    if mode == "w4a8":  # the same int4 values, in the plugin kernel's layout, d and m in float32
+        w4a8.register_op()
+        return Packed(mode, w4a8.nibbles(q.to(torch.uint8)), torch.stack([scale, low]).contiguous(), out_features)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).view(out_features, in_features), 1)
     scales_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(dtype)
     return Packed(mode, packed, scales_zeros, out_features)
 

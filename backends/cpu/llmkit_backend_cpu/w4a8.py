@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-GROUP = 32
 SOURCE = Path(__file__).with_name("w4a8.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
@@ -73,7 +72,7 @@ def unavailable() -> str | None:
 
 def linear(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 (contiguous) @ dequant(W)^T with x rounded to int8 per block of 32;
-    w [N, K/2] uint8 nibbles, d and m [N, K/32] float32 (see `pack`)."""
+    w [N, K/2] uint8 nibbles, d and m [N, K/32] float32 (see `nibbles` and quant.pack)."""
     y = x.new_empty(x.shape[0], w.shape[0])
     if _kernel()(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), d.data_ptr(), m.data_ptr(),
                  w.shape[0], y.data_ptr()):
@@ -96,14 +95,8 @@ def register_op() -> torch.library.Library:
     return lib
 
 
-def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float W [N, K] -> (nibbles [N, K/2] uint8, [d; m] [2, N, K/32] float32): per group of 32,
-    d = (max - min) / 15, q = round((w - min) / d) in [0, 15], w ~ d q + m with m = min; byte j of
-    a group holds q_j and q_{j+16} (the kernel's layout). Error per weight <= d / 2."""
-    n, k = w.shape
-    g = w.detach().float().view(n, k // GROUP, GROUP)
-    low = g.amin(dim=-1)
-    d = ((g.amax(dim=-1) - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round((g - low[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)
-    nibbles = (q[..., :GROUP // 2] | (q[..., GROUP // 2:] << 4)).reshape(n, k // 2).contiguous()
-    return nibbles, torch.stack([d, low]).contiguous()
+def nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int4 values q [N, K/32, 32] uint8 (w ~ d q + m per group, quant.pack) -> the kernel's layout
+    [N, K/2]: byte j of a group holds q_j (low nibble) and q_{j+16} (high)."""
+    half = q.shape[-1] // 2
+    return (q[..., :half] | (q[..., half:] << 4)).reshape(q.shape[0], -1).contiguous()
