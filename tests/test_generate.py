@@ -168,3 +168,38 @@ def test_compiled_decode_step_generates_what_eager_does() -> None:
     compiled = model.generate(ids, 12, compile=True)
     assert torch.equal(compiled, eager)
     assert "_compiled_decode" in model.__dict__ and "_compiled_decode" not in model.__getstate__()
+
+
+def test_a_model_changed_after_compiling_gets_a_step_of_its_own() -> None:
+    """Compiled steps run without dynamo's guards on module attributes and parameters; the
+    model's `structure` digest, taken at each `decode_step` call, notices a changed model: MLPs
+    re-bound with int8-packed weights (which none of the remaining guards sees) get a step of
+    their own with eager's logits; unchanged, the model keeps its step and nothing is traced
+    again."""
+    from torch._dynamo.utils import counters
+
+    from llmkit.generate import decode_step, structure
+    from llmkit.registry import default_registry
+
+    with pytest.warns(FallbackWarning):
+        model = build("tiny-llama-3-8b", dtype="float32", seed=5)
+    ids = torch.randint(0, model.spec.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+
+    def logits(compile: bool) -> torch.Tensor:
+        cache = model.new_cache(capacity=ids.shape[1] + 6)  # as generate's: the cache's guards pass
+        model(ids, cache=cache, last_only=True)  # as generate calls both: no guard sees a difference
+        return decode_step(model, compile)(ids[:, -1:].contiguous(), cache)
+
+    assert torch.equal(model.generate(ids, 6, compile=True), model.generate(ids, 6))
+    digest, step = model.__dict__["_compiled_decode"]
+    frames = counters["frames"]["total"]
+    assert decode_step(model, compile=True) is step and structure(model) == digest
+    model.generate(ids, 6, compile=True)
+    assert counters["frames"]["total"] == frames  # nothing traced again
+    int8 = default_registry().target("cpu", dtype=torch.float32, quant="int8")
+    for block in model.modules():
+        if getattr(block, "kind", None) is not None and block.kind.name == "mlp":
+            block.bind(block.impl, int8)  # packs the weights: the graph traced before reads the float ones
+    assert structure(model) != digest
+    torch.testing.assert_close(logits(True), logits(False), rtol=1e-4, atol=1e-4)
+    assert model.__dict__["_compiled_decode"][1] is not step
