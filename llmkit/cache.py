@@ -9,6 +9,12 @@ of W keys) the cache keeps only the last W tokens, so a windowed layer never hol
 
 What is cached is the block's business: k and v for standard attention; the compressed latent
 and the shared RoPE key for MLA.
+
+With `dtype` (e.g. float16 under a float32 model: llama.cpp's default F16 KV cache) the cache
+stores what it is given rounded to that dtype and hands it back converted to the dtype it came
+in: the new tokens too, so a token attends over the same values whether it is new or cached.
+Stored in half precision, keys and values take half the memory and half the reads of a decode
+step's attention; the rounding (relative error <= 2^-11 in float16's normal range) is the cost.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from .errors import LlmkitError
 
 
 class LayerCache:
-    def __init__(self, max_tokens: int | None = None) -> None:
+    def __init__(self, max_tokens: int | None = None, dtype: torch.dtype | None = None) -> None:
         if max_tokens is not None and max_tokens < 1:
             raise LlmkitError(f"LayerCache max_tokens must be >= 1, got {max_tokens}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise LlmkitError(f"a cache dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.max_tokens = max_tokens
+        self.dtype = dtype  # storage dtype; None: as the block gives them
         self.tensors: dict[str, torch.Tensor] = {}
         self.positions: torch.Tensor | None = None
 
@@ -35,6 +44,15 @@ class LayerCache:
         self, positions: torch.Tensor, **new: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Append T tokens ([B, T, ...] each, positions [B, T]); return cached+new and their positions."""
+        if self.dtype is None:
+            return self._extend(positions, new)
+        full, full_pos = self._extend(positions, {k: v.to(self.dtype) for k, v in new.items()})
+        return {k: v.to(new[k].dtype) for k, v in full.items()}, full_pos
+
+    def _extend(
+        self, positions: torch.Tensor, new: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """`extend` on tensors already in the storage dtype."""
         b, t = positions.shape
         for name, value in new.items():
             if value.shape[:2] != (b, t):
@@ -79,8 +97,8 @@ class StaticLayerCache(LayerCache):
     then keeps the last W.
     """
 
-    def __init__(self, capacity: int, max_tokens: int | None = None) -> None:
-        super().__init__(max_tokens)
+    def __init__(self, capacity: int, max_tokens: int | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(max_tokens, dtype)
         if capacity < 1:
             raise LlmkitError(f"{type(self).__name__} capacity must be >= 1, got {capacity}")
         self.capacity = capacity if max_tokens is None else min(capacity, max_tokens)
@@ -89,8 +107,8 @@ class StaticLayerCache(LayerCache):
     def __len__(self) -> int:
         return self._length
 
-    def extend(
-        self, positions: torch.Tensor, **new: torch.Tensor
+    def _extend(
+        self, positions: torch.Tensor, new: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         b, t = positions.shape
         if self._length == 0 and not self.tensors:
@@ -136,13 +154,13 @@ class FixedLayerCache(StaticLayerCache):
     the host-side count (`len`) refuses an overflow outside a replay.
     """
 
-    def __init__(self, capacity: int, max_tokens: int | None = None) -> None:
-        super().__init__(capacity, max_tokens)
+    def __init__(self, capacity: int, max_tokens: int | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(capacity, max_tokens, dtype)
         self.filled: torch.Tensor | None = None
         self.next_positions: torch.Tensor | None = None
 
-    def extend(
-        self, positions: torch.Tensor, **new: torch.Tensor
+    def _extend(
+        self, positions: torch.Tensor, new: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         b, t = positions.shape
         if not self.tensors:

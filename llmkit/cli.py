@@ -17,6 +17,7 @@ from rich.table import Table
 
 from . import info as _info
 from .errors import LlmkitError, LlmkitWarning
+from .generate import cache_dtype_named
 from .registry import default_registry
 from .resolve import POLICIES, Selection, describe_target
 from .target import MODES
@@ -31,6 +32,17 @@ def _kv(text: str, flag: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value) if value.strip() else ""
 
 
+def _kv_dtype(text: str) -> str:
+    """`--kv-dtype`, checked when the arguments are parsed (before a model is loaded)."""
+    try:
+        cache_dtype_named(text)
+    except LlmkitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+KV_DTYPE_HELP = ("store the KV cache in this floating-point dtype (e.g. float16, as llama.cpp does: half the "
+                 "cache memory and reads; keys and values rounded to it). Default: the model's dtype")
 COMPILE_HELP = ("run the decode steps as one torch.compile'd graph (the first step compiles: tens of "
                 "seconds; cached in $TORCHINDUCTOR_CACHE_DIR, default ${XDG_CACHE_HOME:-~/.cache}/llmkit/inductor)")
 
@@ -62,7 +74,7 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
                    help="packed (compressed) linear weights, by the impls that support the mode; the backend "
                         "refuses one it lacks. cpu (attention, mlp, head): int8, int4 (weight-only; fastest "
                         "with --dtype bfloat16), w4a8 (int4 weights, int8 activations; AVX2 kernel built "
-                        "with the C compiler), fp16 (half-precision weights, float32 math; x86)")
+                        "with the C++ compiler), fp16 (half-precision weights, float32 math; x86)")
     g.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel degree (run under torchrun; default: the spec's, else 1)")
     g.add_argument("--ep", type=int, default=None,
@@ -229,7 +241,7 @@ def _generate_turn(model: Any, prompt_ids: list[int], args: argparse.Namespace, 
     out = model.generate([prompt_ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=seed, stop=args.stop or None,
                          stream=_Streamer(model.tokenizer) if lead else None, stats=stats, compile=args.compile,
-                         graphs=args.graphs)
+                         graphs=args.graphs, cache_dtype=args.kv_dtype)
     if not lead:
         return out[0, len(prompt_ids):].tolist()
     print()
@@ -290,7 +302,8 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         if args.nproc is not None:
             raise LlmkitError("--nproc launches its own processes: run it without torchrun")
         record = bench_here(args.source, parallel=layout, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                            repeats=args.repeats, threads=args.threads, compile=args.compile, backend=args.backend,
+                            repeats=args.repeats, threads=args.threads, compile=args.compile, kv_dtype=args.kv_dtype,
+                            backend=args.backend,
                             dtype=args.dtype, quant=args.quant, policy=args.policy, device=args.device,
                             impl=args.impl, deny=args.deny, strict=args.strict,
                             certs=args.certs)
@@ -303,7 +316,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         record = bench(args.source, backend=args.backend, dtype=args.dtype, quant=args.quant, policy=args.policy,
                        device=args.device, impl=args.impl, deny=args.deny, strict=args.strict, certs=args.certs,
                        prompt_len=args.prompt_len, gen_len=args.gen_len, baselines=baselines, threads=args.threads,
-                       repeats=args.repeats, compile=args.compile, nproc=args.nproc, parallel=layout,
+                       repeats=args.repeats, compile=args.compile, kv_dtype=args.kv_dtype, nproc=args.nproc, parallel=layout,
                        progress=lambda engine: bar.update(task, description=f"measuring {engine} (own process)"))
     _show_bench(args, console, record)
     # a baseline that failed (not one that was skipped) leaves the comparison incomplete
@@ -506,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
         p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+        p.add_argument("--kv-dtype", type=_kv_dtype, default=None, metavar="DTYPE", help=KV_DTYPE_HELP)
         p.add_argument("--graphs", action="store_true",
                        help="capture the decode step once as a device graph and replay it (CUDA graphs, HPU graphs: "
                             "backends with Backend.capture_decode), over a fixed-shape KV cache")
@@ -526,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads in every engine and llama.cpp's n_threads (default: torch's default; "
                         "llama.cpp: all CPUs)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--kv-dtype", type=_kv_dtype, default=None, metavar="DTYPE", help=KV_DTYPE_HELP)
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="also run llmkit sharded over N processes (torchrun, the --tp/--ep/--cp layout) and "
                         "report per-block time split into compute and communication next to the single-process run")

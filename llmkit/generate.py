@@ -70,6 +70,14 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def cache_dtype_named(name: str) -> torch.dtype:
+    """"float16" -> torch.float16: the dtypes a KV cache may be stored in (floating point)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LlmkitError(f"unknown KV cache dtype {name!r}: choose a floating-point dtype such as float16, bfloat16, float32")
+    return dtype
+
+
 _STEPS = itertools.count()
 
 
@@ -183,6 +191,7 @@ def generate(
     stats: dict[str, Any] | None = None,
     compile: bool = False,
     graphs: bool = False,
+    cache_dtype: torch.dtype | str | None = None,
 ) -> torch.Tensor:
     """Continue prompts; returns ids [B, T + n] with n <= max_new_tokens generated tokens.
 
@@ -193,6 +202,7 @@ def generate(
     steps through `torch.compile` (see `decode_step`). `graphs=True` keeps the KV cache in one
     fixed shape with its state on the device (`FixedLayerCache`) and has the model's backend
     capture the decode step once and replay it (`Backend.capture_decode`: CUDA graphs, HPU graphs).
+    `cache_dtype` (e.g. "float16") stores the KV cache in that dtype (`llmkit.cache.LayerCache`).
     """
     if max_new_tokens < 0:
         raise LlmkitError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -216,7 +226,9 @@ def generate(
     if graphs and compile:
         raise LlmkitError("graphs and compile are two ways of running the decode step: choose one")
     replay = _graph_backend(model) if graphs else None
-    cache = model.new_cache(capacity=prompt_len + max_new_tokens, fixed=graphs)
+    if isinstance(cache_dtype, str):
+        cache_dtype = cache_dtype_named(cache_dtype)
+    cache = model.new_cache(capacity=prompt_len + max_new_tokens, fixed=graphs, dtype=cache_dtype)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
     start = time.perf_counter()

@@ -48,19 +48,21 @@ class Model(nn.Module):
         self.norm = Block(registry.kind("norm"), spec.final_norm, **kw)
         self.head = Block(registry.kind("head"), spec.head, **kw)
 
-    def new_cache(self, capacity: int | None = None, *, fixed: bool = False) -> list[LayerCache]:
+    def new_cache(self, capacity: int | None = None, *, fixed: bool = False,
+                  dtype: torch.dtype | None = None) -> list[LayerCache]:
         """One empty cache per layer; a sliding-window layer's keeps only its window. With
         `capacity` (tokens in all) the storage is allocated once (`StaticLayerCache`); with
         `fixed` too, every step has the same shapes and the fill state stays on the device
-        (`FixedLayerCache`: what a captured, replayed decode graph needs)."""
+        (`FixedLayerCache`: what a captured, replayed decode graph needs). `dtype` stores the
+        cached keys and values in that dtype (`LayerCache`: e.g. float16, as llama.cpp does)."""
         windows = [getattr(layer.config.attention, "window", None) for layer in self.layers]
         if capacity is None:
             if fixed:
                 raise LlmkitError("a fixed-shape cache needs a capacity")
-            return [LayerCache(max_tokens=w) for w in windows]
+            return [LayerCache(max_tokens=w, dtype=dtype) for w in windows]
         if fixed:
-            return [FixedLayerCache(capacity, max_tokens=w) for w in windows]
-        return [StaticLayerCache(capacity, max_tokens=w) for w in windows]
+            return [FixedLayerCache(capacity, max_tokens=w, dtype=dtype) for w in windows]
+        return [StaticLayerCache(capacity, max_tokens=w, dtype=dtype) for w in windows]
 
     def forward(
         self,

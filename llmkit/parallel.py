@@ -708,9 +708,11 @@ def _shard_context(model: nn.Module, rank: int, cp: int, mode: str, group: Any) 
 
     inner_forward, inner_new_cache = model.forward, model.new_cache
 
-    def new_cache(capacity: int | None = None, *, fixed: bool = False) -> ContextCache:
+    def new_cache(capacity: int | None = None, *, fixed: bool = False, dtype: torch.dtype | None = None) -> ContextCache:
         if fixed:
             raise LlmkitError("a fixed-shape (graph-capturable) cache under context parallelism is not built")
+        if dtype is not None:  # the ring exchanges each rank's stored keys and values as they are
+            raise LlmkitError("a cache dtype under context parallelism is not built")
         return ContextCache(inner_new_cache(capacity))
 
     def forward(ids: torch.Tensor, positions: torch.Tensor | None = None, cache: Any = None, *,

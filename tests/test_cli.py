@@ -138,11 +138,19 @@ def test_presets_lists_them_with_sources(cli) -> None:
 def test_generate_streams_real_text_from_smollm2_and_summarises(subprocess_env) -> None:
     env = dict(subprocess_env, LLMKIT_PLUGINS="blocks,cpu")
     out = subprocess.run([sys.executable, "-m", "llmkit", "generate", "smollm2-135m", "--prompt",
-                          "What is the capital of France?", "--max-new-tokens", "24"],
+                          "What is the capital of France?", "--max-new-tokens", "24", "--kv-dtype", "float16"],
                          env=env, capture_output=True, text=True, check=True, timeout=300)
     assert "Paris" in out.stdout
     summary = out.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"\d+ prompt tokens, \d+ generated, prefill [\d.]+ tok/s, decode [\d.]+ tok/s", summary), summary
+
+
+@pytest.mark.parametrize("command", [["generate", "smollm2-135m", "--prompt", "x"], ["bench", "smollm2-135m"]])
+def test_an_unknown_kv_cache_dtype_is_refused_by_name_before_loading(cli, capsys, command) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli(*command, "--kv-dtype", "int8")
+    assert exited.value.code == 2
+    assert "argument --kv-dtype: unknown KV cache dtype 'int8'" in capsys.readouterr().err
 
 
 def test_chat_loop_keeps_the_conversation(subprocess_env) -> None:

@@ -535,3 +535,26 @@ def test_smollm2_quantised_accuracy(mode, dtype, agree) -> None:
     kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
     print(f"\nSmolLM2 {mode}: top-1 agreement {top1:.3f} over {ids.shape[1]} tokens, KL {kl.item() / ids.shape[1]:.4f}")
     assert top1 >= agree
+
+
+def test_smollm2_half_precision_kv_cache_accuracy() -> None:
+    """The documented cost of a float16 KV cache (`cache_dtype`, llama.cpp's default): next-token
+    agreement and KL of a float32 SmolLM2 fed one token at a time through a float16 cache, against
+    the same model's forward over the whole text."""
+    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+            "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+            "from 1887 to 1889. Locally nicknamed the Iron Lady, it was constructed as the centrepiece "
+            "of the 1889 World's Fair.")
+    with pytest.warns(llmkit.errors.FallbackWarning):
+        model = llmkit.load("smollm2-135m", dtype="float32")
+    ids = torch.tensor([model.tokenizer.encode(text)])
+    with torch.inference_mode():
+        a = model(ids)
+        cache = model.new_cache(capacity=ids.shape[1], dtype=torch.float16)
+        b = torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
+    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+    err = (a - b).abs().max().item()
+    print(f"\nSmolLM2 float16 KV cache: top-1 agreement {top1:.3f} over {ids.shape[1]} tokens, "
+          f"KL {kl.item() / ids.shape[1]:.2e}, max logit error {err:.3f}")
+    assert top1 >= 0.98 and 0 < err < 0.5

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmkit import FallbackWarning, LlmkitError, Registry, build
-from llmkit.cache import StaticLayerCache
+from llmkit.cache import FixedLayerCache, LayerCache, StaticLayerCache
 from llmkit.generate import left_pad, sample
 from llmkit.testing import randomize
 from llmkit.tokenizer import Tokenizer
@@ -59,6 +59,50 @@ def test_static_cache_decode_logits_equal_full_forward_and_windows_stay_capped(r
     steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(5, ids.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-10)
     assert all(len(c) == window and c.tensors["k"].shape[1] == window for c in cache)
+
+
+CACHES = {"dynamic": lambda **kw: LayerCache(max_tokens=5, **kw),
+          "static": lambda **kw: StaticLayerCache(12, max_tokens=5, **kw),
+          "static, no window": lambda **kw: StaticLayerCache(12, **kw),
+          "fixed": lambda **kw: FixedLayerCache(12, max_tokens=5, **kw)}
+
+
+@pytest.mark.parametrize("kind", CACHES)
+def test_a_half_precision_cache_equals_a_cache_of_the_rounded_values(kind) -> None:
+    """A cache stored in float16 returns, at every step, exactly what a cache of the same kind
+    returns when given the values already rounded to float16: new tokens rounded too, handed back
+    in the dtype they came in."""
+    gen = torch.Generator().manual_seed(5)
+    k, v = torch.randn(2, 9, 3, 4, dtype=torch.float64, generator=gen), torch.randn(2, 9, 2, dtype=torch.float64, generator=gen)
+    positions = torch.arange(9).expand(2, 9)
+    half, plain = CACHES[kind](dtype=torch.float16), CACHES[kind]()
+    for lo, hi in [(0, 4)] + [(i, i + 1) for i in range(4, 9)]:  # a prefill, then one token at a time
+        got, got_pos = half.extend(positions[:, lo:hi], k=k[:, lo:hi], v=v[:, lo:hi])
+        want, want_pos = plain.extend(positions[:, lo:hi], k=k[:, lo:hi].half().double(), v=v[:, lo:hi].half().double())
+        assert got.keys() == want.keys() and all(got[n].dtype == torch.float64 for n in got)
+        assert all(torch.equal(got[n], want[n]) for n in got) and torch.equal(got_pos, want_pos)
+    assert {t.dtype for t in half.tensors.values()} == {torch.float16}
+    with pytest.raises(LlmkitError, match="a cache dtype must be a floating-point torch.dtype, got torch.int8"):
+        CACHES[kind](dtype=torch.int8)
+
+
+def test_decoding_through_a_half_precision_cache_equals_its_one_shot_forward(reg) -> None:
+    """Greedy decode logits over a float16 static cache equal one forward of the whole sequence
+    through a float16 dynamic cache (both round every key and value once), and differ from the
+    unrounded model's by float16's rounding only."""
+    model = tiny(reg, "tiny-llama-3.1-8b")
+    ids = torch.randint(0, model.spec.vocab_size, (2, 11), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        once = model(ids, cache=model.new_cache(dtype=torch.float16))
+        cache = model.new_cache(capacity=11, dtype=torch.float16)
+        steps = torch.cat([model(ids[:, :4], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(4, 11)], 1)
+        exact = model(ids)
+    torch.testing.assert_close(steps, once, rtol=0, atol=1e-10)
+    assert 0 < (once - exact).abs().max() < 1e-2
+    assert torch.equal(model.generate(ids, 6, cache_dtype="float16")[:, 11:],
+                       model.generate(ids, 6, cache_dtype=torch.float16)[:, 11:])
+    with pytest.raises(LlmkitError, match="unknown KV cache dtype 'int8'"):
+        model.generate(ids, 2, cache_dtype="int8")
 
 
 def test_mla_generation_caches_only_the_latent(reg) -> None:
@@ -167,6 +211,9 @@ def test_compiled_decode_step_generates_what_eager_does() -> None:
     eager = model.generate(ids, 12)  # sliding window 16 (tiny preset): the cache wraps during decode
     compiled = model.generate(ids, 12, compile=True)
     assert torch.equal(compiled, eager)
+    # a float16 cache: the graph reads it in half precision, as eager does
+    eager = model.generate(ids, 12, cache_dtype="float16")
+    assert torch.equal(model.generate(ids, 12, compile=True, cache_dtype="float16"), eager)
     assert "_compiled_decode" in model.__dict__ and "_compiled_decode" not in model.__getstate__()
 
 
