@@ -432,15 +432,15 @@ def test_a_mode_the_backend_lacks_is_refused_by_name(monkeypatch) -> None:
         llmkit.build("tiny-smollm2-135m", dtype="float32", quant="fp16")
 
 
-@pytest.mark.parametrize("cc, capability, reason", [
-    ("no-such-cc", "AVX2", "quant w4a8 builds its kernel with a C compiler at first use; 'no-such-cc' was not found"),
+@pytest.mark.parametrize("cxx, capability, reason", [
+    ("no-such-cxx", "AVX2", "quant w4a8 builds its kernel with a C\\+\\+ compiler at first use; 'no-such-cxx' was not found"),
     ("false", "AVX2", "quant w4a8: building its kernel with .*false failed"),
     (None, "DEFAULT", r"quant w4a8 needs an x86 CPU with AVX2 and FMA \(PyTorch reports DEFAULT\)"),
 ])
-def test_w4a8_without_its_kernel_is_refused_with_the_reason(monkeypatch, tmp_path, cc, capability, reason) -> None:
+def test_w4a8_without_its_kernel_is_refused_with_the_reason(monkeypatch, tmp_path, cxx, capability, reason) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
-    if cc is not None:
-        monkeypatch.setenv("CC", cc)
+    if cxx is not None:
+        monkeypatch.setenv("CXX", cxx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     w4a8._kernel.cache_clear()
     try:
@@ -462,6 +462,24 @@ def test_w4a8_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path) -> None
         assert w4a8.unavailable() is None and built.stat().st_mtime_ns == stamp
     finally:
         w4a8._kernel.cache_clear()
+
+
+def test_w4a8_op_refuses_operands_it_cannot_read_with_what_is_wrong() -> None:
+    """The dispatcher kernel (C++) checks dtype, layout and shapes before reading any pointer."""
+    entry = quant.pack(torch.randn(8, 64), "w4a8", torch.float32)
+    op = torch.ops.llmkit_cpu.linear_w4a8.default
+    x = torch.randn(2, 64)
+    assert op(x, entry.weight, entry.scales).shape == (2, 8)
+    with pytest.raises(RuntimeError, match="x must be a contiguous 2-d CPU float32 tensor"):
+        op(x.double(), entry.weight, entry.scales)
+    with pytest.raises(RuntimeError, match="x must be a contiguous 2-d CPU float32 tensor"):
+        op(torch.randn(64, 2).T, entry.weight, entry.scales)
+    with pytest.raises(RuntimeError, match="w must be a contiguous 2-d CPU uint8 tensor"):
+        op(x, entry.weight.int(), entry.scales)
+    with pytest.raises(RuntimeError, match=r"got K=64, w \[8, 32\], s \[2, 4, 2\]"):
+        op(x, entry.weight, entry.scales[:, :4].contiguous())
+    with pytest.raises(RuntimeError, match=r"K a multiple of 32 expected, got K=48"):
+        op(torch.randn(2, 48), entry.weight[:, :24].contiguous(), entry.scales)
 
 
 @pytest.mark.parametrize("mode", ["fp16", "w4a8"])

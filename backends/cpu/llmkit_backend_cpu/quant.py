@@ -15,7 +15,7 @@ matrix, so a decode step runs one GEMM for them instead of two or three (`groupe
   convention); `torch._weight_int4pack_mm_for_cpu`. Error per weight <= s / 2 (plus bf16 rounding
   of s and z).
 - w4a8: the int4 weights above (float32 s and min), and activations rounded to int8 per block of
-  32 at every call: integer dot products in this plugin's AVX2 kernel (w4a8.py, w4a8.c).
+  32 at every call: integer dot products in this plugin's AVX2 kernel (w4a8.py, w4a8.c, w4a8_op.cpp).
 - fp16: weights rounded to IEEE half (relative error <= 2^-11 in half's normal range), packed by
   fbgemm (`quantized::linear_prepack_fp16`); `quantized::linear_dynamic_fp16` converts them back
   and multiplies in float32 with float32 activations (a bfloat16 model's activations are upcast
@@ -170,9 +170,7 @@ def matmul(entry: Packed, x: torch.Tensor) -> torch.Tensor:
     elif entry.mode == "int4":
         y = torch._weight_int4pack_mm_for_cpu(flat, entry.weight, GROUP, entry.scales)
     elif entry.mode == "w4a8":
-        # eager calls skip the dispatcher, as for fp16 below
-        op = torch.ops.llmkit_cpu.linear_w4a8 if torch.compiler.is_compiling() else w4a8.linear
-        y = op(flat.float().contiguous(), entry.weight, entry.scales[0], entry.scales[1]).to(x.dtype)
+        y = torch.ops.llmkit_cpu.linear_w4a8.default(flat.float().contiguous(), entry.weight, entry.scales).to(x.dtype)
     else:
         x32 = flat.float().contiguous()
         slot = entry.weight.slot

@@ -9,11 +9,13 @@ that products of weights and activations are integer dot products (see w4a8.c fo
 That is a second rounding next to the weights', the cost of the speed; its accuracy on SmolLM2
 is measured in tests/test_cpu_backend.py and README.
 
-The kernel is C (AVX2 + FMA intrinsics, OpenMP over output rows), compiled with the C compiler
-(`$CC`, default `cc`) at the first w4a8 pack and cached under
-`${XDG_CACHE_HOME:-~/.cache}/llmkit/cpu-kernels/`, named by a hash of its source, flags and
-compiler. It is reached through ctypes, and inside a compiled decode step through the dispatcher
-op `llmkit_cpu::linear_w4a8` (a fake impl gives inductor the output shape).
+The kernel is C (AVX2 + FMA intrinsics, OpenMP over output rows); w4a8_op.cpp makes it the CPU
+kernel of the dispatcher op `llmkit_cpu::linear_w4a8` through libtorch's stable C API, so that
+eager calls and compiled decode steps reach it without passing through Python (the schema and the
+fake impl, which gives inductor the output shape, are defined here). Both are compiled together
+with the C++ compiler (`$CXX`, default `c++`) at the first w4a8 pack, against the running torch's
+headers and libtorch_cpu, and cached under `${XDG_CACHE_HOME:-~/.cache}/llmkit/cpu-kernels/`,
+named by a hash of the sources, flags, compiler and torch build.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-SOURCE = Path(__file__).with_name("w4a8.c")
+SOURCES = (Path(__file__).with_name("w4a8.c"), Path(__file__).with_name("w4a8_op.cpp"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -39,29 +41,29 @@ def cache_dir() -> Path:
 
 @functools.cache
 def _kernel() -> Any:
-    """The built kernel's C function, or a str saying why there is none."""
+    """The built kernel library (ctypes), or a str saying why there is none."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         return f"quant w4a8 needs an x86 CPU with AVX2 and FMA (PyTorch reports {capability})"
-    cc = os.environ.get("CC") or "cc"
-    exe = shutil.which(cc)
+    cxx = os.environ.get("CXX") or "c++"
+    exe = shutil.which(cxx)
     if exe is None:
-        return f"quant w4a8 builds its kernel with a C compiler at first use; {cc!r} was not found (set CC)"
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), exe.encode()])).hexdigest()[:16]
+        return f"quant w4a8 builds its kernel with a C++ compiler at first use; {cxx!r} was not found (set CXX)"
+    root = Path(torch.__file__).parent
+    link = ("-L", str(root / "lib"), "-ltorch_cpu", f"-Wl,-rpath,{root / 'lib'}")
+    command = [exe, *FLAGS, "-I", str(root / "include"), "-x", "c", str(SOURCES[0]), "-x", "c++", str(SOURCES[1]), *link]
+    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in SOURCES), " ".join(command).encode(),
+                                     torch.__version__.encode()])).hexdigest()[:16]
     path = cache_dir() / f"w4a8-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # another process may build it too
-        run = subprocess.run([exe, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        run = subprocess.run([*command, "-o", str(tmp)], capture_output=True, text=True)
         if run.returncode:
             tmp.unlink(missing_ok=True)
             return f"quant w4a8: building its kernel with {exe} failed: {run.stderr.strip()[-800:]}"
         os.replace(tmp, path)
-    fn = ctypes.CDLL(str(path)).llmkit_w4a8_linear
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
+    return ctypes.CDLL(str(path))
 
 
 def unavailable() -> str | None:
@@ -70,27 +72,23 @@ def unavailable() -> str | None:
     return kernel if isinstance(kernel, str) else None
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 (contiguous) @ dequant(W)^T with x rounded to int8 per block of 32;
-    w [N, K/2] uint8 nibbles, d and m [N, K/32] float32 (see `nibbles` and quant.pack)."""
-    y = x.new_empty(x.shape[0], w.shape[0])
-    if _kernel()(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), d.data_ptr(), m.data_ptr(),
-                 w.shape[0], y.data_ptr()):
-        raise MemoryError("w4a8: no memory for the activations' int8 copy")
-    return y
-
-
-def _linear_fake(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def _linear_fake(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
 @functools.cache
 def register_op() -> torch.library.Library:
-    """Define `llmkit_cpu::linear_w4a8` (at the first pack, as quant.py does for fp16: a fake impl
+    """Define `llmkit_cpu::linear_w4a8(x [M, K] float32, w [N, K/2] uint8 nibbles, s [2, N, K/32]
+    float32: d then m) -> y [M, N] float32`, x rounded to int8 per block of 32 (see `nibbles` and
+    quant.pack), and register its kernel (at the first pack, as quant.py does for fp16: a fake impl
     imports torch's tracing machinery, which plugin discovery should not pay)."""
+    library = _kernel()
+    if isinstance(library, str):
+        raise RuntimeError(library)
+    if library.llmkit_w4a8_register():
+        raise RuntimeError("w4a8: registering the kernel of llmkit_cpu::linear_w4a8 with the dispatcher failed")
     lib = torch.library.Library("llmkit_cpu", "FRAGMENT")
-    lib.define("linear_w4a8(Tensor x, Tensor w, Tensor d, Tensor m) -> Tensor")
-    lib.impl("linear_w4a8", linear, "CPU")
+    lib.define("linear_w4a8(Tensor x, Tensor w, Tensor s) -> Tensor")
     torch.library.register_fake("llmkit_cpu::linear_w4a8", _linear_fake, lib=lib)
     return lib
 
