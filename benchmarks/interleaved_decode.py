@@ -1,0 +1,105 @@
+"""SmolLM2-135M decode speed, llmkit against llama.cpp, both in one process, in alternating rounds.
+
+`model_bench.py` runs each engine once in a process of its own, one after the other; on a shared
+VM whose speed drifts by 10-30% between minutes that spread lands in the ratio. Here one process
+holds both engines (llmkit `llmkit.load(smollm2-135m, ...)` in a configuration DTYPE[+QUANT]
+[+compile][+kv16] as in model_bench, and llama-cpp-python on the same GGUF's own Q4_1 weights),
+and each round decodes the same greedy continuation of the same prompt with each engine in turn,
+the order swapped every round. Decode speed of a run is (gen_len - 1) / (time from the first
+generated token to the last), as `llmkit bench` measures it; the ratio is taken per round (the
+two runs of a round are seconds apart) and the median over rounds is reported, with the spread.
+Both engines use the same number of threads (torch's and llama.cpp's n_threads).
+
+    .venv/bin/python benchmarks/interleaved_decode.py [--config float32+w4a8+compile+kv16]
+        [--prompt-len 512] [--gen-len 64] [--rounds 8] [--threads 2] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import llmkit
+from llmkit.atomic import write_json_atomic
+from llmkit.bench import cpu_model
+
+from model_bench import SOURCE, _configs
+
+TEXT = "The three primary colours are red, yellow and blue. Mixing two of them gives a secondary colour. "
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="float32+w4a8+compile+kv16")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "interleaved_decode.json")
+    args = parser.parse_args()
+    (config,) = _configs(args.config)
+    torch.set_num_threads(args.threads)
+
+    from llama_cpp import Llama
+
+    model = llmkit.load(SOURCE, dtype=config["dtype"], quant=config["quant"])
+    ids = (model.tokenizer.encode(TEXT) * (args.prompt_len // 8 + 1))[:args.prompt_len]
+    llm = Llama(model_path=model.source, n_ctx=args.prompt_len + args.gen_len, n_batch=args.prompt_len,
+                n_threads=args.threads, n_threads_batch=args.threads, logits_all=False, verbose=False)
+
+    def run_llmkit() -> tuple[float, list[int]]:
+        stats: dict = {}
+        marks: list[float] = []
+        out = model.generate([ids], args.gen_len, eos=False, stats=stats, compile=config["compile"],
+                             cache_dtype=config["kv_dtype"], stream=lambda _: marks.append(time.perf_counter()))
+        return (args.gen_len - 1) / (marks[-1] - marks[0]), out[0, len(ids):].tolist()
+
+    def run_llamacpp() -> tuple[float, list[int]]:
+        llm.reset()
+        llm.eval(ids)
+        token = llm.sample(temp=0.0, repeat_penalty=1.0)
+        tokens, first = [token], time.perf_counter()
+        for _ in range(args.gen_len - 1):
+            llm.eval([token])
+            token = llm.sample(temp=0.0, repeat_penalty=1.0)
+            tokens.append(token)
+        return (args.gen_len - 1) / (time.perf_counter() - first), tokens
+
+    engines = {"llmkit": run_llmkit, "llamacpp": run_llamacpp}
+    for run in engines.values():  # warm-up: llmkit compiles its decode step here
+        run()
+    rounds = []
+    for r in range(args.rounds):
+        order = list(engines) if r % 2 == 0 else list(reversed(engines))
+        got = {name: engines[name]() for name in order}
+        rounds.append({name: round(tok_s, 2) for name, (tok_s, _) in got.items()})
+        agree = next((i for i, (a, b) in enumerate(zip(got["llmkit"][1], got["llamacpp"][1])) if a != b), args.gen_len)
+        rounds[-1].update(ratio=round(got["llmkit"][0] / got["llamacpp"][0], 3), agree=agree)
+        print(f"round {r}: {rounds[-1]}", flush=True)
+    ratios = [x["ratio"] for x in rounds]
+    summary = {name: statistics.median(x[name] for x in rounds) for name in engines}
+    record = {
+        "benchmark": "interleaved_decode", "source": SOURCE, "path": model.source,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
+                    "torch": torch.__version__},
+        "workload": {"config": args.config, **config, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+                     "rounds": args.rounds, "llamacpp": "the GGUF's own Q4_1 weights, F16 KV cache (its default)"},
+        "rounds": rounds,
+        "median_decode_tok_s": summary,
+        "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+    }
+    print(f"median decode tok/s {summary}; llmkit / llama.cpp per round: median {record['ratio']['median']:.3f} "
+          f"(min {record['ratio']['min']:.3f}, max {record['ratio']['max']:.3f})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, record)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
