@@ -79,7 +79,7 @@ def test_replaying_over_the_growing_static_cache_repeats_the_first_step(fx_backe
     # are host state, replays step 1's slot and position every time
     model = llmkit.build("tiny-llama-3-8b", seed=3, policy="reference").eval()
     inner = model.new_cache
-    monkeypatch.setattr(model, "new_cache", lambda capacity=None, fixed=False: inner(capacity))
+    monkeypatch.setattr(model, "new_cache", lambda capacity=None, fixed=False, dtype=None: inner(capacity, dtype=dtype))
     with torch.no_grad():
         want = model.generate(_prompts(), 10, eos=False)
         got = model.generate(_prompts(), 10, eos=False, graphs=True)
