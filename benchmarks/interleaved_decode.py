@@ -6,7 +6,8 @@ holds both engines (llmkit `llmkit.load(smollm2-135m, ...)` in a configuration D
 [+compile][+kv16] as in model_bench, and llama-cpp-python on the same GGUF's own Q4_1 weights),
 and each round decodes the same greedy continuation of the same prompt with each engine in turn,
 the order swapped every round. Decode speed of a run is (gen_len - 1) / (time from the first
-generated token to the last), as `llmkit bench` measures it; the ratio is taken per round (the
+generated token to the last), measured by `llmkit bench`'s own loops (`llmkit_greedy`,
+`llamacpp_greedy`); the ratio is taken per round (the
 two runs of a round are seconds apart) and the median over rounds is reported, with the spread.
 Both engines use the same number of threads (torch's and llama.cpp's n_threads).
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import torch
 
 import llmkit
 from llmkit.atomic import write_json_atomic
-from llmkit.bench import cpu_model
+from llmkit.bench import cpu_model, llamacpp_greedy, llmkit_greedy
 
 from model_bench import SOURCE, _configs
 
@@ -52,34 +52,20 @@ def main() -> None:
     llm = Llama(model_path=model.source, n_ctx=args.prompt_len + args.gen_len, n_batch=args.prompt_len,
                 n_threads=args.threads, n_threads_batch=args.threads, logits_all=False, verbose=False)
 
-    def run_llmkit() -> tuple[float, list[int]]:
-        stats: dict = {}
-        marks: list[float] = []
-        out = model.generate([ids], args.gen_len, eos=False, stats=stats, compile=config["compile"],
-                             cache_dtype=config["kv_dtype"], stream=lambda _: marks.append(time.perf_counter()))
-        return (args.gen_len - 1) / (marks[-1] - marks[0]), out[0, len(ids):].tolist()
-
-    def run_llamacpp() -> tuple[float, list[int]]:
-        llm.reset()
-        llm.eval(ids)
-        token = llm.sample(temp=0.0, repeat_penalty=1.0)
-        tokens, first = [token], time.perf_counter()
-        for _ in range(args.gen_len - 1):
-            llm.eval([token])
-            token = llm.sample(temp=0.0, repeat_penalty=1.0)
-            tokens.append(token)
-        return (args.gen_len - 1) / (time.perf_counter() - first), tokens
-
-    engines = {"llmkit": run_llmkit, "llamacpp": run_llamacpp}
+    engines = {"llmkit": lambda: llmkit_greedy(model, ids, args.gen_len, compile=config["compile"],
+                                               kv_dtype=config["kv_dtype"]),
+               "llamacpp": lambda: llamacpp_greedy(llm, ids, args.gen_len)}
     for run in engines.values():  # warm-up: llmkit compiles its decode step here
         run()
     rounds = []
     for r in range(args.rounds):
         order = list(engines) if r % 2 == 0 else list(reversed(engines))
         got = {name: engines[name]() for name in order}
-        rounds.append({name: round(tok_s, 2) for name, (tok_s, _) in got.items()})
-        agree = next((i for i, (a, b) in enumerate(zip(got["llmkit"][1], got["llamacpp"][1])) if a != b), args.gen_len)
-        rounds[-1].update(ratio=round(got["llmkit"][0] / got["llamacpp"][0], 3), agree=agree)
+        speed = {name: (args.gen_len - 1) / decode_s for name, (_, _, decode_s, _) in got.items()}
+        rounds.append({name: round(tok_s, 2) for name, tok_s in speed.items()})
+        tokens = [got[name][3] for name in engines]
+        agree = next((i for i, (a, b) in enumerate(zip(*tokens)) if a != b), args.gen_len)
+        rounds[-1].update(ratio=round(speed["llmkit"] / speed["llamacpp"], 3), agree=agree)
         print(f"round {r}: {rounds[-1]}", flush=True)
     ratios = [x["ratio"] for x in rounds]
     summary = {name: statistics.median(x[name] for x in rounds) for name in engines}

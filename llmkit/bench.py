@@ -504,6 +504,39 @@ def prompt_ids(tokenizer: Any, vocab_size: int, n: int) -> tuple[list[int], str]
     return ids, "fixed English text"
 
 
+def llmkit_greedy(model: Any, ids: list[int], gen_len: int, *, compile: bool = False,
+                  kv_dtype: str | None = None) -> tuple[float, float, float, list[int]]:
+    """One timed greedy continuation of `ids` by an llmkit model: (prefill s, time to the first
+    token s, decode s from the first generated token to the last, the tokens)."""
+    marks: list[float] = []
+
+    def stream(token: torch.Tensor) -> None:
+        token.tolist()  # read the id back, as a caller would (synchronises an asynchronous device)
+        marks.append(time.perf_counter())
+
+    stats: dict[str, Any] = {}
+    start = time.perf_counter()
+    out = model.generate([ids], gen_len, eos=False, stream=stream, stats=stats, compile=compile, cache_dtype=kv_dtype)
+    return stats["prefill_s"], marks[0] - start, marks[-1] - marks[0], out[0, len(ids):].tolist()
+
+
+def llamacpp_greedy(llm: Any, ids: list[int], gen_len: int) -> tuple[float, float, float, list[int]]:
+    """`llmkit_greedy` for a llama-cpp-python `Llama`: a hand-written greedy loop (eval, then
+    sample at temperature 0 without repeat penalty), from an empty context."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    prefilled = time.perf_counter()
+    token = llm.sample(temp=0.0, repeat_penalty=1.0)
+    tokens = [token]
+    first = time.perf_counter()
+    for _ in range(gen_len - 1):
+        llm.eval([token])
+        token = llm.sample(temp=0.0, repeat_penalty=1.0)
+        tokens.append(token)
+    return prefilled - start, first - start, time.perf_counter() - first, tokens
+
+
 def _measure_llmkit(job: dict[str, Any]) -> dict[str, Any]:
     from .loading import load
     from .parallel import env_world
@@ -519,17 +552,7 @@ def _measure_llmkit(job: dict[str, Any]) -> dict[str, Any]:
     ids, how = prompt_ids(model.tokenizer, model.spec.vocab_size, job["prompt_len"])
 
     def once(gen_len: int) -> tuple[float, float, float, list[int]]:
-        marks: list[float] = []
-
-        def stream(token: torch.Tensor) -> None:
-            token.tolist()  # read the id back, as a caller would (synchronises an asynchronous device)
-            marks.append(time.perf_counter())
-
-        stats: dict[str, Any] = {}
-        start = time.perf_counter()
-        out = model.generate([ids], gen_len, eos=False, stream=stream, stats=stats, compile=job["compile"],
-                             cache_dtype=job.get("kv_dtype"))
-        return stats["prefill_s"], marks[0] - start, marks[-1] - marks[0], out[0, len(ids):].tolist()
+        return llmkit_greedy(model, ids, gen_len, compile=job["compile"], kv_dtype=job.get("kv_dtype"))
 
     assert model.plan is not None
     record = {"engine": "llmkit", "version": _version("llmkit"), "source": model.source, "threads": threads,
@@ -625,18 +648,7 @@ def _measure_llamacpp(job: dict[str, Any]) -> dict[str, Any]:
     ids = job["ids"]
 
     def once(gen_len: int) -> tuple[float, float, float, list[int]]:
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(ids)
-        prefilled = time.perf_counter()
-        token = llm.sample(temp=0.0, repeat_penalty=1.0)
-        tokens = [token]
-        first = time.perf_counter()
-        for _ in range(gen_len - 1):
-            llm.eval([token])
-            token = llm.sample(temp=0.0, repeat_penalty=1.0)
-            tokens.append(token)
-        return prefilled - start, first - start, time.perf_counter() - first, tokens
+        return llamacpp_greedy(llm, ids, gen_len)
 
     return {"engine": "llamacpp", "version": _version("llama-cpp-python"), "threads": threads,
             "dtype": "as stored in the GGUF", **_figures(job, once)}
