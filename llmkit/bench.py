@@ -72,7 +72,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import LlmkitError, LlmkitWarning
-from .generate import cache_dtype_named
+from .target import parse_dtype
 
 BASELINES = ("transformers", "llamacpp")
 INSTALL = {
@@ -143,7 +143,7 @@ def bench(
         raise LlmkitError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
     layout = _check_nproc(nproc, parallel)
     if kv_dtype is not None:
-        cache_dtype_named(kv_dtype)
+        parse_dtype(kv_dtype, "KV cache dtype")
     job = {"prompt_len": prompt_len, "gen_len": gen_len, "threads": threads, "repeats": repeats}
     llmkit_job = _llmkit_job(source, job, backend=backend, dtype=dtype, quant=quant, policy=policy, device=device,
                              impl=impl, deny=deny, strict=strict, certs=certs, compile=compile,
@@ -552,7 +552,7 @@ def _measure_llmkit(job: dict[str, Any]) -> dict[str, Any]:
     ids, how = prompt_ids(model.tokenizer, model.spec.vocab_size, job["prompt_len"])
 
     def once(gen_len: int) -> tuple[float, float, float, list[int]]:
-        return llmkit_greedy(model, ids, gen_len, compile=job["compile"], kv_dtype=job.get("kv_dtype"))
+        return llmkit_greedy(model, ids, gen_len, compile=job["compile"], kv_dtype=job["kv_dtype"])
 
     assert model.plan is not None
     record = {"engine": "llmkit", "version": _version("llmkit"), "source": model.source, "threads": threads,

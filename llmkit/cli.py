@@ -17,10 +17,9 @@ from rich.table import Table
 
 from . import info as _info
 from .errors import LlmkitError, LlmkitWarning
-from .generate import cache_dtype_named
 from .registry import default_registry
 from .resolve import POLICIES, Selection, describe_target
-from .target import MODES
+from .target import MODES, parse_dtype
 
 MODES_RUN = ["infer", "train"]
 
@@ -35,7 +34,7 @@ def _kv(text: str, flag: str) -> tuple[str, Any]:
 def _kv_dtype(text: str) -> str:
     """`--kv-dtype`, checked when the arguments are parsed (before a model is loaded)."""
     try:
-        cache_dtype_named(text)
+        parse_dtype(text, "KV cache dtype")
     except LlmkitError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .errors import LlmkitError
+from .target import parse_dtype
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,14 +69,6 @@ def sample(
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def cache_dtype_named(name: str) -> torch.dtype:
-    """"float16" -> torch.float16: the dtypes a KV cache may be stored in (floating point)."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise LlmkitError(f"unknown KV cache dtype {name!r}: choose a floating-point dtype such as float16, bfloat16, float32")
-    return dtype
 
 
 _STEPS = itertools.count()
@@ -226,8 +219,8 @@ def generate(
     if graphs and compile:
         raise LlmkitError("graphs and compile are two ways of running the decode step: choose one")
     replay = _graph_backend(model) if graphs else None
-    if isinstance(cache_dtype, str):
-        cache_dtype = cache_dtype_named(cache_dtype)
+    if cache_dtype is not None:
+        cache_dtype = parse_dtype(cache_dtype, "KV cache dtype")
     cache = model.new_cache(capacity=prompt_len + max_new_tokens, fixed=graphs, dtype=cache_dtype)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 

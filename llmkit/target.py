@@ -35,13 +35,14 @@ FLOAT_DTYPES: frozenset[torch.dtype] = frozenset(
 )
 
 
-def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    """`torch.bfloat16`, "bfloat16", "bf16" or "torch.bfloat16" -> torch.bfloat16."""
+def parse_dtype(value: str | torch.dtype, what: str = "dtype") -> torch.dtype:
+    """`torch.bfloat16`, "bfloat16", "bf16" or "torch.bfloat16" -> torch.bfloat16 (floating-point
+    dtypes only; `what` names the value in the error)."""
     if isinstance(value, torch.dtype):
         return value
     key = str(value).strip().lower().removeprefix("torch.")
     if key not in _DTYPE_NAMES:
-        raise UnknownNameError("dtype", str(value), _DTYPE_NAMES)
+        raise UnknownNameError(what, str(value), _DTYPE_NAMES)
     return _DTYPE_NAMES[key]
 
 
