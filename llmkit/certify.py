@@ -245,7 +245,7 @@ def _precision(got: torch.Tensor, naive: torch.Tensor, exact: torch.Tensor, dtyp
     got, naive, exact = got.double().cpu(), naive.double().cpu(), exact.double().cpu()
     finite = torch.isfinite(exact)
     nonfinite = int((~torch.isfinite(got) & finite).sum())
-    mask = finite if keep is None else finite & keep
+    mask = finite if keep is None else finite & keep.cpu()
     err = (got - exact).abs()[mask & torch.isfinite(got)]
     e_naive_t = (naive - exact).abs()[mask & torch.isfinite(naive)]
     e_max = float(err.max()) if err.numel() else 0.0
@@ -301,7 +301,7 @@ def _forward_and_backward(block: Block, sample: Sample, args: list[tuple[Any, ..
     params = [p for _, p in block.named_parameters() if p.is_floating_point()]
     outs = _run(block, sample, args)
     out = _flat(outs)
-    (out * cot.to(out.dtype)).sum().backward()
+    (out * cot.to(device=out.device, dtype=out.dtype)).sum().backward()
     grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in (*leaves, *params)]
     with torch.no_grad():
         choice = sample.choices(block, args[-1]) if sample.choices else None
@@ -508,10 +508,16 @@ def model_case(registry: Registry, backend: str, device: str, preset: str, dtype
     from .model import build
     from .testing import randomize
 
-    exact = randomize(build(preset, dtype=torch.float64, policy="reference", registry=registry), seed=seed)
+    try:  # the float64 reference runs on the host when a plugin there owns the CPU
+        host = (registry.device_backend("cpu"), "cpu")
+    except LlmkitError:  # no cpu backend installed (a vendor's machine): on the device under test
+        host = (backend, device)
+    exact = randomize(build(preset, backend=host[0], device=host[1], dtype=torch.float64, policy="reference",
+                            registry=registry), seed=seed)
     models = {"exact": exact}
     try:
-        models["naive"] = build(preset, dtype=dtype, device=device, policy="reference", registry=registry)
+        models["naive"] = build(preset, backend=backend, dtype=dtype, device=device, policy="reference",
+                                registry=registry)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FallbackWarning)  # fallbacks are counted from the plan
             models["under"] = build(preset, backend=backend, dtype=dtype, device=device, policy="auto",
@@ -531,14 +537,14 @@ def model_case(registry: Registry, backend: str, device: str, preset: str, dtype
         for name, m in models.items():
             m.eval()
             cache = m.new_cache()
-            dev = "cpu" if name == "exact" else device
+            dev = host[1] if name == "exact" else device
             steps, chosen = [], []
             with torch.no_grad():
                 for ids_t in [ids[:, :12], *(ids[:, t:t + 1] for t in range(12, 16))]:
                     steps.append(m(ids_t.to(dev), cache=cache))
                     chosen.append(_routes(m, *ids_t.shape))
             logits[name] = torch.cat(steps, dim=1).double().cpu()
-            routes[name] = torch.cat(chosen, dim=1)
+            routes[name] = torch.cat(chosen, dim=1).cpu()
     except Exception as exc:
         return ModelCase(preset=preset, dtype=dtype, status="fail", reasons=[f"raised {type(exc).__name__}: {exc}"])
     # a routing flip at a near-tie (any MoE layer) legitimately changes a position's logits a lot

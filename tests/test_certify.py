@@ -264,6 +264,17 @@ def test_composition_catches_a_wrong_block_inside_a_model() -> None:
     assert good.top1 >= good.top1_naive - 1 / 32 and good.top5 > 0.9
 
 
+def test_composition_needs_no_cpu_plugin(vendor) -> None:
+    # a vendor's machine may have llmkit and its own plugin only: the float64 reference and the
+    # low-precision reference then run on a backend that is installed (here the vendor's, which
+    # owns the CPU), never on the absent 'cpu'
+    only = Registry.load([("testvendor", vendor)],
+                         environ={"LLMKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "LLMKIT_PLUGINS": "blocks"})
+    assert "cpu" not in only.backends
+    case = model_case(only, "testvendor", "cpu", "tiny-llama-3-8b", "float32")
+    assert case.status == "pass" and case.impls.get("testvendor.rmsnorm", 0) > 0, case
+
+
 def test_a_kind_without_cases_is_reported_skipped(tmp_path) -> None:
     import dataclasses
 
