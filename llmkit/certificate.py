@@ -360,14 +360,24 @@ def stale_reasons(cert: Certificate, registry: Any) -> list[str]:
             pass  # reported just below: not registered here
     if backend not in registry.backends:
         return [f"backend {backend!r} is not registered here"]
-    now = environment(registry, backend, cert.device)
-    for key in _ENV_KEYS:
-        if cert.environment.get(key) != now.get(key):
-            out.append(f"{key} changed: certified with {cert.environment.get(key)}, now {now.get(key)}")
-    old_facts, new_facts = cert.environment.get("device_facts", {}), now["device_facts"]
-    for key in _FACT_KEYS:
-        if old_facts.get(key) != new_facts.get(key):
-            out.append(f"device {key} changed: certified on {old_facts.get(key)}, now {new_facts.get(key)}")
+    try:
+        unavailable = list(registry.backend(backend).available())
+    except Exception as exc:
+        unavailable = [f"available() raised {type(exc).__name__}: {exc}"]
+    if unavailable:
+        # no device to read facts from (a GPU certificate read on a laptop): the environment
+        # cannot match, but the sources can still be compared below
+        out.append(f"backend {backend!r} is unavailable here ({'; '.join(unavailable)}): "
+                   "its device and runtime cannot be compared")
+    else:
+        now = environment(registry, backend, cert.device)
+        for key in _ENV_KEYS:
+            if cert.environment.get(key) != now.get(key):
+                out.append(f"{key} changed: certified with {cert.environment.get(key)}, now {now.get(key)}")
+        old_facts, new_facts = cert.environment.get("device_facts", {}), now["device_facts"]
+        for key in _FACT_KEYS:
+            if old_facts.get(key) != new_facts.get(key):
+                out.append(f"device {key} changed: certified on {old_facts.get(key)}, now {new_facts.get(key)}")
     plugin = plugin_info(registry, backend)
     if cert.plugin.get("version") != plugin["version"] or cert.plugin.get("distribution") != plugin["distribution"]:
         out.append(f"plugin {plugin['name']} changed: certified {cert.plugin.get('distribution')} "

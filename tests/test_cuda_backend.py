@@ -68,6 +68,26 @@ def test_unavailable_here_with_the_reason() -> None:
         REG.target("cuda")
 
 
+@pytest.mark.skipif(ON_CUDA, reason="checks how a CUDA certificate reads on a machine without CUDA")
+def test_a_gpu_certificate_read_without_the_gpu_is_stale_with_the_reason(capsys) -> None:
+    # the H200 certificate in benchmarks/results: no device facts to read here, so it cannot
+    # describe this machine; its sources are still compared (a changed hash is named)
+    from pathlib import Path
+
+    from llmkit import certificate
+    from llmkit.cli import main
+
+    path = Path(__file__).parents[1] / "benchmarks" / "results" / "cert-cuda-quick-h200.json"
+    cert = certificate.load(path)
+    assert "backend 'cuda' is unavailable here" in certificate.stale_reasons(cert, REG)[0]
+    key = sorted(cert.impls)[0]
+    changed = {**cert.impls, key: cert.impls[key].model_copy(update={"source_hash": "sha256:0"})}
+    reasons = certificate.stale_reasons(cert.model_copy(update={"impls": changed}), REG)
+    assert f"impl {key.rsplit('/', 1)[-1]}: source changed since certification" in reasons
+    assert main(["verify-cert", str(path)]) == 1
+    assert "cannot be compared" in capsys.readouterr().out
+
+
 def test_a_rocm_torch_is_the_rocm_backends(monkeypatch) -> None:
     monkeypatch.setattr(torch.version, "hip", "6.3.42131", raising=False)
     reasons = CudaBackend().available()
@@ -284,7 +304,8 @@ def test_a_cuda_graph_of_the_decode_step_generates_the_eager_tokens(preset: str)
     # bf16 through the cuda impls; a window shorter than prompt + generated tokens (mistral)
     import llmkit
 
-    model = llmkit.build(preset, backend="cuda", dtype="bfloat16", seed=3).eval()
+    with pytest.warns(llmkit.FallbackWarning, match="embedding@1"):  # and head, layer: no cuda impls
+        model = llmkit.build(preset, backend="cuda", dtype="bfloat16", seed=3).eval()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
     prompts = [ids[0, :21].tolist(), ids[1, :17].tolist()]
     with torch.no_grad():
