@@ -44,8 +44,11 @@ PY
 OUT=benchmarks/results/cert-cuda-quick-${GPU}.json
 mkdir -p benchmarks/results
 
+# A failing test does not stop the certification: on a borrowed GPU both results are wanted from
+# one run. The script's status is still a failure if either step failed.
 echo "== tests/test_cuda_backend.py (device tests must run, not skip)"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -rs | tee /tmp/llmkit-gpu-check-pytest.txt
+tests=0
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -rs | tee /tmp/llmkit-gpu-check-pytest.txt || tests=$?
 if grep -q "needs an NVIDIA GPU" /tmp/llmkit-gpu-check-pytest.txt; then
     echo "device tests were skipped: this environment does not see the GPU" >&2
     exit 1
@@ -57,3 +60,7 @@ echo "== llmkit certify --backend cuda --quick -> $OUT"
 "$PY" -m llmkit verify-cert "$OUT"
 "$PY" -m llmkit matrix "$OUT"
 echo "certificate: $OUT"
+if [[ $tests != 0 ]]; then
+    echo "tests/test_cuda_backend.py failed (exit $tests); the certificate above was still written" >&2
+    exit "$tests"
+fi

@@ -92,7 +92,12 @@ def rope_prepare(block: Any, target: Target) -> None:
 def rope_forward(block: Any, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """rope@1: x [B, H, T, head_dim] rotated by positions [B, T]; float32 cos/sin tables, one kernel."""
     positions = positions if positions.dim() == 2 else positions.unsqueeze(0)
-    cos, sin = rope_tables(block.config, positions, getattr(block, "_triton_inv_freq", None))
+    inv_freq = getattr(block, "_triton_inv_freq", None)
+    if inv_freq is not None and inv_freq.device != positions.device:
+        # moved once, at the first step on this device: a host-to-device copy inside every call
+        # would fail CUDA-graph capture (capture_decode runs a step eagerly before capturing)
+        inv_freq = block._triton_inv_freq = inv_freq.to(positions.device)
+    cos, sin = rope_tables(block.config, positions, inv_freq)
     return apply_rope(x, cos, sin, interleaved=block.config.layout == "interleaved")
 
 
