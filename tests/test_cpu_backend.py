@@ -375,9 +375,10 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, k, n", [(1, 32, 1), (3, 96, 33), (16, 576, 300), (5, 1536, 17)])
 def test_w4a8_multiplies_the_dequantised_weights_by_int8_blocks_of_the_activations(rows, k, n, dtype) -> None:
-    """The kernel against its formula in float64: dequant(W) unpacked here from the nibbles, d and
-    m, activations rounded per block of 32 (one block all zero, one with an outlier). A bfloat16
-    model's activations are upcast exactly, the output rounded once to bfloat16."""
+    """The kernel against its formula in float64: dequant(W) unpacked here from the tiles of 8 rows
+    (n not a multiple of 8: the last tile padded), d and m, activations rounded per block of 32
+    (one block all zero, one with an outlier). A bfloat16 model's activations are upcast exactly,
+    the output rounded once to bfloat16."""
     gen = torch.Generator().manual_seed(k + n)
     w = torch.randn(n, k, generator=gen) * torch.linspace(0.01, 1, n)[:, None]
     x = torch.randn(rows, k, generator=gen)
@@ -385,9 +386,13 @@ def test_w4a8_multiplies_the_dequantised_weights_by_int8_blocks_of_the_activatio
     x[-1, -1] = 50.0
     x = x.to(dtype)
     entry = quant.pack(w, "w4a8", dtype)
-    nibbles = entry.weight.view(n, k // quant.GROUP, quant.GROUP // 2).long()
-    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)  # byte j: q_j low, q_{j+16} high
-    d, m = entry.scales.double()
+    tiles = -(-n // 8)
+    # byte [t, g, h, r, i]: q[8t + r, g, 8h + i] low, q[8t + r, g, 8h + 4 + i] high (w4a8.c)
+    b = entry.weight.view(tiles, k // quant.GROUP, 4, 8, 4).long().permute(0, 3, 1, 2, 4)
+    q = torch.stack([b & 15, b >> 4], dim=-2).reshape(8 * tiles, k // quant.GROUP, quant.GROUP)
+    d, m = entry.scales.double().permute(2, 0, 3, 1).reshape(2, 8 * tiles, k // quant.GROUP)
+    assert not q[n:].any() and not d[n:].any() and not m[n:].any()  # padding rows are zero
+    q, d, m = q[:n], d[:n], m[:n]
     dequant = (d[..., None] * q + m[..., None]).view(n, k)
     assert (dequant - w).abs().max() <= d.max() / 2 + 1e-6  # and through the kernel: test above
     want = _int8_blocks(x) @ dequant.T
@@ -469,17 +474,17 @@ def test_w4a8_op_refuses_operands_it_cannot_read_with_what_is_wrong() -> None:
     entry = quant.pack(torch.randn(8, 64), "w4a8", torch.float32)
     op = torch.ops.llmkit_cpu.linear_w4a8.default
     x = torch.randn(2, 64)
-    assert op(x, entry.weight, entry.scales).shape == (2, 8)
+    assert op(x, entry.weight, entry.scales).shape == (2, 8)  # one tile of 8 rows
     with pytest.raises(RuntimeError, match="x must be a contiguous 2-d CPU float32 tensor"):
         op(x.double(), entry.weight, entry.scales)
     with pytest.raises(RuntimeError, match="x must be a contiguous 2-d CPU float32 tensor"):
         op(torch.randn(64, 2).T, entry.weight, entry.scales)
     with pytest.raises(RuntimeError, match="w must be a contiguous 2-d CPU uint8 tensor"):
         op(x, entry.weight.int(), entry.scales)
-    with pytest.raises(RuntimeError, match=r"got K=64, w \[8, 32\], s \[2, 4, 2\]"):
-        op(x, entry.weight, entry.scales[:, :4].contiguous())
+    with pytest.raises(RuntimeError, match=r"got K=64, w \[1, 256\], s \[1, 2, 2, 4\]"):
+        op(x, entry.weight, entry.scales[..., :4].contiguous())
     with pytest.raises(RuntimeError, match=r"K a multiple of 32 expected, got K=48"):
-        op(torch.randn(2, 48), entry.weight[:, :24].contiguous(), entry.scales)
+        op(torch.randn(2, 48), entry.weight[:, :192].contiguous(), entry.scales)
 
 
 @pytest.mark.parametrize("mode", ["fp16", "w4a8"])

@@ -14,8 +14,9 @@ matrix, so a decode step runs one GEMM for them instead of two or three (`groupe
   q = round((w - min) / s) in [0, 15], w ~ (q - 8) s + z with z = min + 8 s (the kernel's
   convention); `torch._weight_int4pack_mm_for_cpu`. Error per weight <= s / 2 (plus bf16 rounding
   of s and z).
-- w4a8: the int4 weights above (float32 s and min), and activations rounded to int8 per block of
-  32 at every call: integer dot products in this plugin's AVX2 kernel (w4a8.py, w4a8.c, w4a8_op.cpp).
+- w4a8: the int4 weights above (float32 s and min, rows in tiles of 8), and activations rounded to
+  int8 per block of 32 at every call: integer dot products in this plugin's AVX2 kernel (w4a8.py,
+  w4a8.c, w4a8_op.cpp).
 - fp16: weights rounded to IEEE half (relative error <= 2^-11 in half's normal range), packed by
   fbgemm (`quantized::linear_prepack_fp16`); `quantized::linear_dynamic_fp16` converts them back
   and multiplies in float32 with float32 activations (a bfloat16 model's activations are upcast
@@ -32,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
 from llmkit.hookspecs import Target
@@ -126,9 +128,12 @@ def pack(w: torch.Tensor, mode: str, dtype: torch.dtype) -> Packed:
     low = g.amin(dim=-1)
     scale = ((g.amax(dim=-1) - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15)
-    if mode == "w4a8":  # the same int4 values, in the plugin kernel's layout, d and m in float32
+    if mode == "w4a8":  # the same int4 values in tiles of 8 rows, the last padded with zero rows
         w4a8.register_op()
-        return Packed(mode, w4a8.nibbles(q.to(torch.uint8)), torch.stack([scale, low]).contiguous(), out_features)
+        pad = -out_features % 8
+        q, scale, low = (F.pad(v, (0, 0) * (v.dim() - 1) + (0, pad)) for v in (q.to(torch.uint8), scale, low))
+        weight, scales = w4a8.tiles(q, scale, low)
+        return Packed(mode, weight, scales, out_features)
     packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).view(out_features, in_features), 1)
     scales_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(dtype)
     return Packed(mode, packed, scales_zeros, out_features)
@@ -170,7 +175,8 @@ def matmul(entry: Packed, x: torch.Tensor) -> torch.Tensor:
     elif entry.mode == "int4":
         y = torch._weight_int4pack_mm_for_cpu(flat, entry.weight, GROUP, entry.scales)
     elif entry.mode == "w4a8":
-        y = torch.ops.llmkit_cpu.linear_w4a8.default(flat.float().contiguous(), entry.weight, entry.scales).to(x.dtype)
+        y = torch.ops.llmkit_cpu.linear_w4a8.default(flat.float().contiguous(), entry.weight, entry.scales)
+        y = (y if y.shape[-1] == entry.out_features else y[:, :entry.out_features]).to(x.dtype)
     else:
         x32 = flat.float().contiguous()
         slot = entry.weight.slot

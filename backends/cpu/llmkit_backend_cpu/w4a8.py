@@ -73,14 +73,14 @@ def unavailable() -> str | None:
 
 
 def _linear_fake(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[0])
+    return x.new_empty(x.shape[0], 8 * w.shape[0])
 
 
 @functools.cache
 def register_op() -> torch.library.Library:
-    """Define `llmkit_cpu::linear_w4a8(x [M, K] float32, w [N, K/2] uint8 nibbles, s [2, N, K/32]
-    float32: d then m) -> y [M, N] float32`, x rounded to int8 per block of 32 (see `nibbles` and
-    quant.pack), and register its kernel (at the first pack, as quant.py does for fp16: a fake impl
+    """Define `llmkit_cpu::linear_w4a8(x [M, K] float32, w [N/8, 4K] uint8, s [N/8, K/32, 2, 8]
+    float32) -> y [M, N] float32`, x rounded to int8 per block of 32 (`tiles` gives w and s from
+    quant.pack's values), and register its kernel (at the first pack, as quant.py does for fp16: a fake impl
     imports torch's tracing machinery, which plugin discovery should not pay)."""
     library = _kernel()
     if isinstance(library, str):
@@ -93,8 +93,13 @@ def register_op() -> torch.library.Library:
     return lib
 
 
-def nibbles(q: torch.Tensor) -> torch.Tensor:
-    """int4 values q [N, K/32, 32] uint8 (w ~ d q + m per group, quant.pack) -> the kernel's layout
-    [N, K/2]: byte j of a group holds q_j (low nibble) and q_{j+16} (high)."""
-    half = q.shape[-1] // 2
-    return (q[..., :half] | (q[..., half:] << 4)).reshape(q.shape[0], -1).contiguous()
+def tiles(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 values q [N, K/32, 32] uint8 with group scales d and minima m [N, K/32] (w ~ d q + m,
+    quant.pack; N a multiple of 8) -> the kernel's operands (layout in w4a8.c): w [N/8, 4K], byte
+    [t, g, h, r, i] holding q[8t + r, g, 8h + i] (low nibble) and q[8t + r, g, 8h + 4 + i] (high);
+    s [N/8, K/32, 2, 8], the tile's 8 rows' d then m per group."""
+    n, groups, _ = q.shape
+    q6 = q.view(n // 8, 8, groups, 4, 2, 4)  # [t, r, g, h, low/high, i]
+    w = (q6[..., 0, :] | (q6[..., 1, :] << 4)).permute(0, 2, 3, 1, 4).reshape(n // 8, -1).contiguous()
+    per_tile = [v.float().view(n // 8, 8, groups).transpose(1, 2) for v in (d, m)]
+    return w, torch.stack(per_tile, dim=2).contiguous()

@@ -6,8 +6,9 @@
 // that an op implemented in Python takes (5-10 us a call on this plugin's AVX2 VM; a SmolLM2 step
 // makes 121 of them). The schema and the fake impl are defined in w4a8.py.
 //
-// x [M, K] float32, w [N, K/2] uint8 nibbles, s [2, N, K/32] float32 (group scales d, then
-// minima m), all contiguous CPU tensors; returns y [M, N] float32 (the formula is in w4a8.c).
+// x [M, K] float32, w [N/8, 4K] uint8 (tiles of 8 rows), s [N/8, K/32, 2, 8] float32 (per tile and
+// group: the 8 rows' scales d, then minima m), all contiguous CPU tensors; returns y [M, N]
+// float32 (the formula and the layout are in w4a8.c; N is a multiple of 8).
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 
 #include <cstdint>
@@ -15,8 +16,8 @@
 #include <stdexcept>
 #include <string>
 
-extern "C" int llmkit_w4a8_linear(const float *x, int64_t M, int64_t K, const uint8_t *w,
-                                  const float *d, const float *m, int64_t N, float *y);
+extern "C" int llmkit_w4a8_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *sc,
+                                  int64_t N8, float *y);
 
 namespace {
 
@@ -60,14 +61,14 @@ void linear_w4a8(StableIValue *stack, uint64_t, uint64_t) {
   const Owned x(stack[0]), w(stack[1]), s(stack[2]);
   const int64_t *xs = expect(x, "x", aoti_torch_dtype_float32(), "float32", 2);
   const int64_t *ws = expect(w, "w", aoti_torch_dtype_uint8(), "uint8", 2);
-  const int64_t *ss = expect(s, "s", aoti_torch_dtype_float32(), "float32", 3);
-  const int64_t M = xs[0], K = xs[1], N = ws[0];
-  if (K % 32 || ws[1] * 2 != K || ss[0] != 2 || ss[1] != N || ss[2] * 32 != K)
-    throw std::runtime_error("llmkit_cpu::linear_w4a8: shapes x [M, K], w [N, K/2], s [2, N, K/32] "
+  const int64_t *ss = expect(s, "s", aoti_torch_dtype_float32(), "float32", 4);
+  const int64_t M = xs[0], K = xs[1], N8 = ws[0], N = 8 * N8;
+  if (K % 32 || ws[1] != 4 * K || ss[0] != N8 || ss[1] * 32 != K || ss[2] != 2 || ss[3] != 8)
+    throw std::runtime_error("llmkit_cpu::linear_w4a8: shapes x [M, K], w [N/8, 4K], s [N/8, K/32, 2, 8] "
                              "with K a multiple of 32 expected, got K=" + std::to_string(K) + ", w [" +
                              std::to_string(ws[0]) + ", " + std::to_string(ws[1]) + "], s [" +
                              std::to_string(ss[0]) + ", " + std::to_string(ss[1]) + ", " +
-                             std::to_string(ss[2]) + "]");
+                             std::to_string(ss[2]) + ", " + std::to_string(ss[3]) + "]");
   const int64_t sizes[2] = {M, N}, strides[2] = {N, 1};
   AtenTensorHandle y;
   check(aoti_torch_empty_strided(2, sizes, strides, aoti_torch_dtype_float32(), aoti_torch_device_type_cpu(), 0, &y),
@@ -77,9 +78,8 @@ void linear_w4a8(StableIValue *stack, uint64_t, uint64_t) {
     aoti_torch_delete_tensor_object(y);
     throw std::runtime_error("llmkit_cpu::linear_w4a8: reading the output's data pointer failed");
   }
-  const float *d = static_cast<const float *>(data(s));
-  if (llmkit_w4a8_linear(static_cast<const float *>(data(x)), M, K, static_cast<const uint8_t *>(data(w)), d,
-                         d + N * (K / 32), N, static_cast<float *>(out))) {
+  if (llmkit_w4a8_linear(static_cast<const float *>(data(x)), M, K, static_cast<const uint8_t *>(data(w)),
+                         static_cast<const float *>(data(s)), N8, static_cast<float *>(out))) {
     aoti_torch_delete_tensor_object(y);
     throw std::bad_alloc();  // the activations' int8 copy
   }
