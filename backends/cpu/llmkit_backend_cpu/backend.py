@@ -11,6 +11,8 @@ import torch
 from llmkit import peaks
 from llmkit.hookspecs import Backend, Peak
 
+from . import quant
+
 
 class CpuBackend(Backend):
     name = "cpu"
@@ -28,6 +30,7 @@ class CpuBackend(Backend):
             "threads": torch.get_num_threads(),
             "logical_cpus": os.cpu_count(),
             "model": _cpu_model(),
+            "quant_modes": quant.modes_here(),  # not "quant": that fact is the mode a target asks for
         }
 
     def peak(self, device: str, dtype: torch.dtype) -> Peak:

@@ -110,6 +110,13 @@ def fp16_available() -> str | None:
     return None
 
 
+def modes_here() -> list[str]:
+    """Every quant mode, as its name where it can run here, else "name: why not" (`llmkit info`).
+    w4a8's kernel is checked for what its build needs (AVX2, a C++ compiler), not built."""
+    why = {"fp16": fp16_available(), "w4a8": w4a8.prerequisites()}
+    return [mode if why.get(mode) is None else f"{mode}: {why[mode]}" for mode in MODES]
+
+
 def pack(w: torch.Tensor, mode: str, dtype: torch.dtype) -> Packed:
     """A float weight [out, in] -> the `Packed` matrix `matmul` multiplies by."""
     w = w.detach().float()

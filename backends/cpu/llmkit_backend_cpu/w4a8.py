@@ -39,16 +39,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmkit" / "cpu-kernels"
 
 
-@functools.cache
-def _kernel() -> Any:
-    """The built kernel library (ctypes), or a str saying why there is none."""
+def prerequisites() -> str | None:
+    """Why the kernel cannot be built here (no AVX2, no C++ compiler), without building it."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         return f"quant w4a8 needs an x86 CPU with AVX2 and FMA (PyTorch reports {capability})"
     cxx = os.environ.get("CXX") or "c++"
-    exe = shutil.which(cxx)
-    if exe is None:
+    if shutil.which(cxx) is None:
         return f"quant w4a8 builds its kernel with a C++ compiler at first use; {cxx!r} was not found (set CXX)"
+    return None
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The built kernel library (ctypes), or a str saying why there is none."""
+    if why := prerequisites():
+        return why
+    exe = shutil.which(os.environ.get("CXX") or "c++")
     root = Path(torch.__file__).parent
     link = ("-L", str(root / "lib"), "-ltorch_cpu", f"-Wl,-rpath,{root / 'lib'}")
     command = [exe, *FLAGS, "-I", str(root / "include"), "-x", "c", str(SOURCES[0]), "-x", "c++", str(SOURCES[1]), *link]
