@@ -360,10 +360,7 @@ def stale_reasons(cert: Certificate, registry: Any) -> list[str]:
             pass  # reported just below: not registered here
     if backend not in registry.backends:
         return [f"backend {backend!r} is not registered here"]
-    try:
-        unavailable = list(registry.backend(backend).available())
-    except Exception as exc:
-        unavailable = [f"available() raised {type(exc).__name__}: {exc}"]
+    unavailable = registry.unavailable(backend)
     if unavailable:
         # no device to read facts from (a GPU certificate read on a laptop): the environment
         # cannot match, but the sources can still be compared below

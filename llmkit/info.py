@@ -32,10 +32,7 @@ def collect(registry: Registry, *, peak: bool = False) -> dict[str, Any]:
     """Everything `llmkit info` shows, as plain data. `peak=True` runs the backends' peak probes."""
     backends = []
     for name, b in registry.backends.items():
-        try:
-            reasons = list(b.available())
-        except Exception as exc:
-            reasons = [f"available() raised {type(exc).__name__}: {exc}"]
+        reasons = registry.unavailable(name)
         entry: dict[str, Any] = {
             "name": name,
             "plugin": registry.backend_plugin(name),

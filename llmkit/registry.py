@@ -275,6 +275,15 @@ class Registry:
         return "note: broken plugins (may provide it): " + "; ".join(f"{r.name}: {r.error}" for r in broken)
 
     # ------------------------------------------------------------------ targets and resolution
+    def unavailable(self, backend: str) -> list[str]:
+        """Why `backend` cannot run here (empty when it can); a plugin's `available()` that raises
+        is reported as a reason, not propagated."""
+        b = self.backend(backend)
+        try:
+            return list(b.available())
+        except Exception as exc:
+            return [f"available() raised {type(exc).__name__}: {exc}"]
+
     def target(
         self,
         backend: str = "cpu",
@@ -301,10 +310,7 @@ class Registry:
                 f"device {device!r} does not belong to backend {backend!r} "
                 f"(its device type is {b.device_type!r}; 'meta' plans without allocating)"
             )
-        try:
-            reasons = list(b.available())
-        except Exception as exc:
-            reasons = [f"available() raised {type(exc).__name__}: {exc}"]
+        reasons = self.unavailable(backend)
         if reasons and dev_type != "meta":
             raise BackendUnavailableError(
                 f"backend {backend!r} is unavailable here: {'; '.join(reasons)}"
