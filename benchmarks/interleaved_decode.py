@@ -1,17 +1,19 @@
-"""SmolLM2-135M decode speed, llmkit against llama.cpp, both in one process, in alternating rounds.
+"""SmolLM2-135M decode speed, llmkit against a baseline engine, both in one process, in alternating rounds.
 
 `model_bench.py` runs each engine once in a process of its own, one after the other; on a shared
 VM whose speed drifts by 10-30% between minutes that spread lands in the ratio. Here one process
 holds both engines (llmkit `llmkit.load(smollm2-135m, ...)` in a configuration DTYPE[+QUANT]
-[+compile][+kv16] as in model_bench, and llama-cpp-python on the same GGUF's own Q4_1 weights),
-and each round decodes the same greedy continuation of the same prompt with each engine in turn,
-the order swapped every round. Decode speed of a run is (gen_len - 1) / (time from the first
-generated token to the last), measured by `llmkit bench`'s own loops (`llmkit_greedy`,
-`llamacpp_greedy`); the ratio is taken per round (the
-two runs of a round are seconds apart) and the median over rounds is reported, with the spread.
-Both engines use the same number of threads (torch's and llama.cpp's n_threads).
+[+compile][+kv16] as in model_bench, and the baseline: llama-cpp-python on the same GGUF's own Q4_1
+weights, or transformers loading the same GGUF through its own loader, in float32 unless
+--baseline-dtype says otherwise), and each round decodes the same greedy continuation of the same
+prompt with each engine in turn, the order swapped every round. Decode speed of a run is
+(gen_len - 1) / (time from the first generated token to the last), measured by `llmkit bench`'s
+own loops (`llmkit_greedy`, `llamacpp_greedy`, `transformers_greedy`); the ratio is taken per
+round (the two runs of a round are seconds apart) and the median over rounds is reported, with
+the spread. Both engines use the same number of threads.
 
     .venv/bin/python benchmarks/interleaved_decode.py [--config float32+w4a8+compile+kv16]
+        [--baseline llamacpp|transformers] [--baseline-dtype float32]
         [--prompt-len 512] [--gen-len 64] [--rounds 8] [--threads 2] [--out FILE]
 """
 
@@ -26,7 +28,7 @@ import torch
 
 import llmkit
 from llmkit.atomic import write_json_atomic
-from llmkit.bench import cpu_model, llamacpp_greedy, llmkit_greedy
+from llmkit.bench import cpu_model, llamacpp_greedy, llmkit_greedy, transformers_greedy, transformers_model
 
 from model_bench import SOURCE, _configs
 
@@ -36,6 +38,8 @@ TEXT = "The three primary colours are red, yellow and blue. Mixing two of them g
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="float32+w4a8+compile+kv16")
+    parser.add_argument("--baseline", choices=("llamacpp", "transformers"), default="llamacpp")
+    parser.add_argument("--baseline-dtype", default="float32", help="transformers' dtype (llama.cpp runs the GGUF's)")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--gen-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=8)
@@ -45,16 +49,21 @@ def main() -> None:
     (config,) = _configs(args.config)
     torch.set_num_threads(args.threads)
 
-    from llama_cpp import Llama
-
     model = llmkit.load(SOURCE, dtype=config["dtype"], quant=config["quant"])
     ids = (model.tokenizer.encode(TEXT) * (args.prompt_len // 8 + 1))[:args.prompt_len]
-    llm = Llama(model_path=model.source, n_ctx=args.prompt_len + args.gen_len, n_batch=args.prompt_len,
-                n_threads=args.threads, n_threads_batch=args.threads, logits_all=False, verbose=False)
-
     engines = {"llmkit": lambda: llmkit_greedy(model, ids, args.gen_len, compile=config["compile"],
-                                               kv_dtype=config["kv_dtype"]),
-               "llamacpp": lambda: llamacpp_greedy(llm, ids, args.gen_len)}
+                                               kv_dtype=config["kv_dtype"])}
+    if args.baseline == "llamacpp":
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=model.source, n_ctx=args.prompt_len + args.gen_len, n_batch=args.prompt_len,
+                    n_threads=args.threads, n_threads_batch=args.threads, logits_all=False, verbose=False)
+        engines["llamacpp"] = lambda: llamacpp_greedy(llm, ids, args.gen_len)
+        described = "the GGUF's own Q4_1 weights, F16 KV cache (its default)"
+    else:
+        hf = transformers_model(model.source, getattr(torch, args.baseline_dtype))
+        engines["transformers"] = lambda: transformers_greedy(hf, ids, args.gen_len)
+        described = f"the GGUF's weights dequantised by transformers' loader, {args.baseline_dtype}"
     for run in engines.values():  # warm-up: llmkit compiles its decode step here
         run()
     rounds = []
@@ -65,7 +74,7 @@ def main() -> None:
         rounds.append({name: round(tok_s, 2) for name, tok_s in speed.items()})
         tokens = [got[name][3] for name in engines]
         agree = next((i for i, (a, b) in enumerate(zip(*tokens)) if a != b), args.gen_len)
-        rounds[-1].update(ratio=round(speed["llmkit"] / speed["llamacpp"], 3), agree=agree)
+        rounds[-1].update(ratio=round(speed["llmkit"] / speed[args.baseline], 3), agree=agree)
         print(f"round {r}: {rounds[-1]}", flush=True)
     ratios = [x["ratio"] for x in rounds]
     summary = {name: statistics.median(x[name] for x in rounds) for name in engines}
@@ -75,12 +84,12 @@ def main() -> None:
         "machine": {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
                     "torch": torch.__version__},
         "workload": {"config": args.config, **config, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-                     "rounds": args.rounds, "llamacpp": "the GGUF's own Q4_1 weights, F16 KV cache (its default)"},
+                     "rounds": args.rounds, "baseline": args.baseline, args.baseline: described},
         "rounds": rounds,
         "median_decode_tok_s": summary,
         "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
     }
-    print(f"median decode tok/s {summary}; llmkit / llama.cpp per round: median {record['ratio']['median']:.3f} "
+    print(f"median decode tok/s {summary}; llmkit / {args.baseline} per round: median {record['ratio']['median']:.3f} "
           f"(min {record['ratio']['min']:.3f}, max {record['ratio']['max']:.3f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, record)

@@ -608,29 +608,41 @@ def _hf_from_gguf(path: Path, dtype: Any) -> Any:
         return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
 
 
-def _measure_transformers(job: dict[str, Any]) -> dict[str, Any]:
+def transformers_model(source: str | Path, dtype: torch.dtype) -> Any:
+    """A transformers causal LM of `source` (a GGUF file through transformers' own loader, or a
+    checkpoint directory) in `dtype`, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    threads = _threads(job)
-    path, dtype = Path(job["source"]), getattr(torch, job["dtype"])
+    path = Path(source)
     hf = (_hf_from_gguf(path, dtype) if path.suffix.lower() == ".gguf"
-          else AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)).eval()
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
-    ids = torch.tensor([job["ids"]])
+          else AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype))
+    return hf.eval()
 
-    @torch.inference_mode()
-    def once(gen_len: int) -> tuple[float, float, float, list[int]]:
-        start = time.perf_counter()
-        out = hf(ids, use_cache=True, **keep)
-        prefilled = time.perf_counter()
+
+@torch.inference_mode()
+def transformers_greedy(hf: Any, ids: list[int], gen_len: int) -> tuple[float, float, float, list[int]]:
+    """`llmkit_greedy` for a transformers model: a hand-written greedy loop over its forward with
+    its own KV cache, logits of the last position only where the model supports it."""
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+    start = time.perf_counter()
+    out = hf(torch.tensor([ids]), use_cache=True, **keep)
+    prefilled = time.perf_counter()
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    tokens = [int(token)]
+    first = time.perf_counter()
+    for _ in range(gen_len - 1):
+        out = hf(token, cache=out.cache, use_cache=True, **keep)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens = [int(token)]
-        first = time.perf_counter()
-        for _ in range(gen_len - 1):
-            out = hf(token, cache=out.cache, use_cache=True, **keep)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(int(token))
-        return prefilled - start, first - start, time.perf_counter() - first, tokens
+        tokens.append(int(token))
+    return prefilled - start, first - start, time.perf_counter() - first, tokens
+
+
+def _measure_transformers(job: dict[str, Any]) -> dict[str, Any]:
+    threads = _threads(job)
+    hf = transformers_model(job["source"], getattr(torch, job["dtype"]))
+
+    def once(gen_len: int) -> tuple[float, float, float, list[int]]:
+        return transformers_greedy(hf, job["ids"], gen_len)
 
     return {"engine": "transformers", "version": _version("transformers"), "threads": threads,
             "dtype": job["dtype"], **_figures(job, once)}

@@ -72,8 +72,8 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant", default=None, metavar="MODE",
                    help="packed (compressed) linear weights, by the impls that support the mode; the backend "
                         "refuses one it lacks. cpu (attention, mlp, head): int8, int4 (weight-only; fastest "
-                        "with --dtype bfloat16), w4a8 (int4 weights, int8 activations; AVX2 kernel built "
-                        "with the C++ compiler), fp16 (half-precision weights, float32 math; x86)")
+                        "with --dtype bfloat16), w4a8 (int4 weights, int8 activations), fp16 (half-precision "
+                        "weights, float32 math); w4a8 and fp16 run AVX2 kernels built with the C++ compiler")
     g.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel degree (run under torchrun; default: the spec's, else 1)")
     g.add_argument("--ep", type=int, default=None,

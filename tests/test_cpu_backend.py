@@ -11,7 +11,6 @@ positions near 2^15 and 2^16, every declared dtype; MoE routing with ties at the
 from __future__ import annotations
 
 import copy
-import gc
 import re
 from typing import Any
 
@@ -26,7 +25,7 @@ from llmkit.cache import LayerCache, StaticLayerCache
 from llmkit.registry import default_registry
 from llmkit.testing import bind_reference
 from llmkit_backend_cpu import attention as cpu_attention
-from llmkit_backend_cpu import quant, w4a8
+from llmkit_backend_cpu import kernels, quant
 
 REG = default_registry()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -417,6 +416,40 @@ def test_w4a8_commutes_with_a_power_of_two_scale_of_the_activations(exponent, se
     assert torch.equal(quant.matmul(entry, x * 2.0**exponent), quant.matmul(entry, x) * 2.0**exponent)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, k, n", [(1, 1, 1), (3, 33, 9), (16, 576, 300), (5, 1538, 17)])
+def test_fp16_multiplies_the_half_rounded_weights_in_float32(rows, k, n, dtype) -> None:
+    """The kernel against its formula in float64: W rounded to half, read back from the tiles of 8
+    rows (n not a multiple of 8: the last tile padded with zero rows; k not a multiple of 4: the
+    kernel's tail loop), times x exactly; the only other error is float32's in the sums."""
+    gen = torch.Generator().manual_seed(k + n)
+    w = torch.randn(n, k, generator=gen) * torch.linspace(0.01, 3, n)[:, None]
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    entry = quant.pack(w, "fp16", dtype)
+    tiles = -(-n // 8)
+    assert entry.weight.shape == (tiles, k, 8) and entry.weight.dtype == torch.float16
+    unpacked = entry.weight.transpose(1, 2).reshape(8 * tiles, k).double()  # [t, k, r] = W[8t + r, k]
+    assert not unpacked[n:].any()
+    assert torch.equal(unpacked[:n], w.half().double())
+    want = x.double() @ unpacked[:n].T
+    got = quant.matmul(entry, x)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    bound = k * 2.0**-23 * (x.double().abs() @ unpacked[:n].abs().T)  # float32 sums of k products
+    if dtype == torch.bfloat16:
+        bound = bound + want.abs() * 2.0**-8
+    assert ((got.double() - want).abs() <= bound + 1e-30).all()
+
+
+def test_fp16_refuses_weights_beyond_half_precision() -> None:
+    w = torch.ones(8, 32)
+    w[3, 5] = -7e4
+    with pytest.raises(llmkit.errors.LlmkitError, match=r"quant fp16: a weight of magnitude 70000 is beyond "
+                                                        r"half precision's range \(max 65504\)"):
+        quant.pack(w, "fp16", torch.float32)
+    w[3, 5] = -65504.0  # half's largest finite value is kept
+    assert quant.pack(w, "fp16", torch.float32).weight.isfinite().all()
+
+
 def test_fp16_packing_in_a_bfloat16_block_meets_the_precision_rule() -> None:
     """bf16 weights are exact in half precision, so an fp16-packed bfloat16 MLP (activations
     upcast to float32 around each GEMM) meets the precision rule against the float64 reference."""
@@ -429,53 +462,53 @@ def test_fp16_packing_in_a_bfloat16_block_meets_the_precision_rule() -> None:
         _check(under(x), naive(x), exact(x.double()), torch.bfloat16)
 
 
-def test_a_mode_the_backend_lacks_is_refused_by_name(monkeypatch) -> None:
+def test_a_mode_the_backend_lacks_is_refused_by_name() -> None:
     with pytest.raises(llmkit.errors.LlmkitError,
                        match=r"quant 'int2' is not supported by the cpu backend \(int8, int4, w4a8, fp16\)"):
         llmkit.build("tiny-smollm2-135m", dtype="float32", quant="int2")
-    monkeypatch.setattr(torch.backends, "quantized", type("Q", (), {"supported_engines": ["qnnpack"]})())
-    with pytest.raises(llmkit.errors.LlmkitError, match="quant fp16 needs PyTorch's fbgemm kernels"):
-        llmkit.build("tiny-smollm2-135m", dtype="float32", quant="fp16")
 
 
+@pytest.mark.parametrize("mode", ["w4a8", "fp16"])
 @pytest.mark.parametrize("cxx, capability, reason", [
-    ("no-such-cxx", "AVX2", "quant w4a8 builds its kernel with a C\\+\\+ compiler at first use; 'no-such-cxx' was not found"),
-    ("false", "AVX2", "quant w4a8: building its kernel with .*false failed"),
-    (None, "DEFAULT", r"quant w4a8 needs an x86 CPU with AVX2 and FMA \(PyTorch reports DEFAULT\)"),
+    ("no-such-cxx", "AVX2", "quant {mode} builds its kernel with a C\\+\\+ compiler at first use; 'no-such-cxx' was not found"),
+    ("false", "AVX2", "quant {mode}: building its kernel with .*false failed"),
+    (None, "DEFAULT", r"quant {mode} needs an x86 CPU with AVX2 and FMA \(PyTorch reports DEFAULT\)"),
 ])
-def test_w4a8_without_its_kernel_is_refused_with_the_reason(monkeypatch, tmp_path, cxx, capability, reason) -> None:
+def test_a_kernel_mode_without_its_kernel_is_refused_with_the_reason(monkeypatch, tmp_path, mode, cxx, capability,
+                                                                      reason) -> None:
+    reason = reason.format(mode=mode)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
     if cxx is not None:
         monkeypatch.setenv("CXX", cxx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    w4a8._kernel.cache_clear()
+    kernels._library.cache_clear()
     try:
         # `llmkit info` (the backend's facts) names what is missing without building; a compiler
         # that exists but fails shows only when the build is tried
         modes = REG.backend("cpu").device_facts("cpu")["quant_modes"]
-        listed = "w4a8" if cxx == "false" else next(m for m in modes if m.startswith("w4a8: "))
+        listed = mode if cxx == "false" else next(m for m in modes if m.startswith(f"{mode}: "))
         assert listed in modes and (cxx == "false" or re.search(reason, listed))
         with pytest.raises(llmkit.errors.LlmkitError, match=reason):
-            llmkit.build("tiny-smollm2-135m", dtype="float32", quant="w4a8")
+            llmkit.build("tiny-smollm2-135m", dtype="float32", quant=mode)
         assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
     finally:
-        w4a8._kernel.cache_clear()
+        kernels._library.cache_clear()
 
 
-def test_w4a8_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path) -> None:
+def test_the_kernels_are_built_once_into_the_cache(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    w4a8._kernel.cache_clear()
+    kernels._library.cache_clear()
     try:
-        assert w4a8.unavailable() is None
-        (built,) = tmp_path.glob("llmkit/cpu-kernels/w4a8-*.so")
+        assert kernels.unavailable("w4a8") is None
+        (built,) = tmp_path.glob("llmkit/cpu-kernels/kernels-*.so")
         stamp = built.stat().st_mtime_ns
-        w4a8._kernel.cache_clear()
-        assert w4a8.unavailable() is None and built.stat().st_mtime_ns == stamp
+        kernels._library.cache_clear()
+        assert kernels.unavailable("fp16") is None and built.stat().st_mtime_ns == stamp
     finally:
-        w4a8._kernel.cache_clear()
+        kernels._library.cache_clear()
 
 
-def test_w4a8_op_refuses_operands_it_cannot_read_with_what_is_wrong() -> None:
+def test_the_kernel_ops_refuse_operands_they_cannot_read_with_what_is_wrong() -> None:
     """The dispatcher kernel (C++) checks dtype, layout and shapes before reading any pointer."""
     entry = quant.pack(torch.randn(8, 64), "w4a8", torch.float32)
     op = torch.ops.llmkit_cpu.linear_w4a8.default
@@ -491,13 +524,25 @@ def test_w4a8_op_refuses_operands_it_cannot_read_with_what_is_wrong() -> None:
         op(x, entry.weight, entry.scales[..., :4].contiguous())
     with pytest.raises(RuntimeError, match=r"K a multiple of 32 expected, got K=48"):
         op(torch.randn(2, 48), entry.weight[:, :192].contiguous(), entry.scales)
+    entry = quant.pack(torch.randn(8, 64), "fp16", torch.float32)
+    op = torch.ops.llmkit_cpu.linear_f16.default
+    assert op(x, entry.weight).shape == (2, 8)
+    with pytest.raises(RuntimeError, match="linear_f16: x must be a contiguous 2-d CPU float32 tensor"):
+        op(x.half(), entry.weight)
+    with pytest.raises(RuntimeError, match="linear_f16: w must be a contiguous 3-d CPU float16 tensor"):
+        op(x, entry.weight.float())
+    with pytest.raises(RuntimeError, match="linear_f16: w must be a contiguous 3-d CPU float16 tensor"):
+        op(x, torch.randn(1, 8, 64).half().transpose(1, 2))  # the right shape, not contiguous
+    with pytest.raises(RuntimeError, match=r"linear_f16: shapes x \[M, K\], w \[N/8, K, 8\] expected, got K=64, "
+                                           r"w \[1, 32, 8\]"):
+        op(x, entry.weight[:, :32].contiguous())
 
 
 @pytest.mark.parametrize("mode", ["fp16", "w4a8"])
 def test_compiled_packed_decode_is_one_graph_with_eagers_tokens(mode) -> None:
-    """fbgemm's packed object and the w4a8 kernel cannot be traced: the compiled step reaches them
-    through the `llmkit_cpu::linear_fp16` / `linear_w4a8` ops, so the graph does not break; the
-    tied head packs eagerly."""
+    """The C kernels cannot be traced: the compiled step reaches them through the
+    `llmkit_cpu::linear_f16` / `linear_w4a8` ops, so the graph does not break; the tied head packs
+    eagerly."""
     import torch._dynamo
 
     with pytest.warns(llmkit.errors.FallbackWarning):
@@ -510,21 +555,6 @@ def test_compiled_packed_decode_is_one_graph_with_eagers_tokens(mode) -> None:
     compiled = model.generate(ids, 6, eos=False, compile=True)
     assert torch.equal(compiled, eager)
     assert not torch._dynamo.utils.counters["graph_break"]
-
-
-def test_a_copy_of_an_fp16_model_outlives_the_original() -> None:
-    """fbgemm's packed matrices sit in slots owned by handles: a deep copy gets slots of its own,
-    so freeing the original does not pull them from under the copy."""
-    with pytest.warns(llmkit.errors.FallbackWarning):
-        model = llmkit.build("tiny-smollm2-135m", dtype="float32", quant="fp16", seed=5)
-    ids = torch.randint(0, 200, (1, 4), generator=torch.Generator().manual_seed(0))  # 4 rows: packed
-    with torch.no_grad():
-        want = model(ids)
-    twin = copy.deepcopy(model)
-    del model
-    gc.collect()
-    with torch.no_grad():
-        assert torch.equal(twin(ids), want)
 
 
 def _finish_with(model, ids: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:

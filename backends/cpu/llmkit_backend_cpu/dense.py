@@ -70,6 +70,6 @@ def head_forward(block: Any, x: torch.Tensor, tied_weight: torch.Tensor | None =
 
 def _pack_tied(block: Any, tied_weight: torch.Tensor, dtype: torch.dtype) -> None:
     """Pack the tied matrix, eagerly: when the first call that brings it is a compiled decode
-    step, packing is not part of the graph (fbgemm's packed object cannot be traced), and the
-    step recompiles once without it."""
+    step, packing (once per matrix, with fp16's data-dependent range check) is not part of the
+    graph, and the step recompiles once without it."""
     block._cpu_tied = (tied_weight, pack(tied_weight, block._cpu_tied_mode, dtype))

@@ -17,7 +17,7 @@
  * time (a horizontal sum and scalar scale arithmetic per row and group) this is 2.9x faster on
  * SmolLM2's head, 49152 x 576 (AVX2 EPYC, 2 threads).
  *
- * Built by llmkit_backend_cpu/w4a8.py with the C compiler at first use, -O3 -mavx2 -mfma
+ * Built by llmkit_backend_cpu/kernels.py with the C compiler at first use, -O3 -mavx2 -mfma -mf16c
  * -fopenmp. Tiles are split over OpenMP threads; linked against libgomp.so.1, the runtime
  * PyTorch has already loaded, so both share one thread pool.
  */
