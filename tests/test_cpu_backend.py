@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -177,6 +178,8 @@ def test_moe_grouped(dtype, extra, tokens) -> None:
             b.correction_bias.copy_(0.3 * torch.randn(8, generator=torch.Generator().manual_seed(9)))
     x = torch.randn(2, tokens, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
     exact, naive, under = blocks
+    # at 1 and 3 tokens a row (2 and 6 in all) the active experts' products are the GEMV kernel's
+    assert under._cpu_gemv == (dtype in (torch.float32, torch.bfloat16))
     with torch.no_grad():
         got, nv = under(x), naive(x)
         ex = exact(x.double())
@@ -189,6 +192,47 @@ def test_moe_grouped(dtype, extra, tokens) -> None:
     else:  # a near-tie flipped a choice in low precision: compare with the naive baseline instead
         assert dtype in (torch.bfloat16, torch.float16)
         torch.testing.assert_close(got, nv, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows, k, n", [(1, 1, 1), (2, 7, 5), (3, 1024, 3584), (4, 3584, 1027)])
+def test_gemv_kernel_is_x_times_the_weights_in_float32(rows, k, n, dtype) -> None:
+    """`llmkit_cpu::gemv` against float64: the weights as stored (bfloat16 widened exactly), float32
+    sums (blocks of 4 rows and the scalar rest, 8-channel vectors and the scalar tail)."""
+    gen = torch.Generator().manual_seed(k + n)
+    w = (torch.randn(n, k, generator=gen) * torch.linspace(0.01, 3, n)[:, None]).to(dtype)
+    x = torch.randn(rows, k, generator=gen)
+    assert kernels.ready()
+    got = torch.ops.llmkit_cpu.gemv.default(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    want = x.double() @ w.double().T
+    bound = k * 2.0**-23 * (x.double().abs() @ w.double().abs().T)
+    assert ((got.double() - want).abs() <= bound + 1e-30).all()
+
+
+def test_gemv_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() -> None:
+    assert kernels.ready()
+    op = torch.ops.llmkit_cpu.gemv.default
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="gemv: x must be a contiguous 2-d CPU float32 tensor"):
+        op(x.bfloat16(), w)
+    with pytest.raises(RuntimeError, match="gemv: w must be a contiguous 2-d CPU float32 or bfloat16 tensor"):
+        op(x, w.half())
+    with pytest.raises(RuntimeError, match="gemv: w must be a contiguous 2-d CPU float32 or bfloat16 tensor"):
+        op(x, torch.randn(16, 8).T)
+    with pytest.raises(RuntimeError, match=r"gemv: shapes x \[M, K\], w \[N, K\] expected, got K=16, w \[8, 12\]"):
+        op(x, torch.randn(8, 12))
+
+
+def test_moe_grouped_takes_pytorch_gemms_where_the_kernels_cannot_be_built(monkeypatch) -> None:
+    """No C++ compiler: the experts run F.linear, with the same routing and output."""
+    with_kernel = _blocks("moe", MOE, torch.float32, "grouped")[2]
+    monkeypatch.setenv("CXX", "no-such-cxx")
+    without = _blocks("moe", MOE, torch.float32, "grouped")[2]
+    assert with_kernel._cpu_gemv and not without._cpu_gemv
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(with_kernel(x), without(x), rtol=1e-6, atol=1e-6)
 
 
 def test_moe_ties_at_the_top_k_boundary() -> None:
@@ -284,6 +328,29 @@ def test_norm_fused(dtype, config) -> None:
                          ids=["swiglu", "gelu_bias"])
 def test_mlp_unquantised_is_the_reference(dtype, config) -> None:
     _run(_blocks("mlp", {"d_model": 32, "hidden": 64, **config}, dtype, "linear"), torch.randn(2, 7, 32).to(dtype))
+
+
+@pytest.mark.parametrize("widen", [True, False])
+def test_prefill_sized_bfloat16_products_widened_to_float32_meet_the_precision_rule(monkeypatch, widen) -> None:
+    """Without bf16 instructions (`WIDEN_BF16`), a bfloat16 MLP or MoE at prefill size multiplies in
+    float32 and rounds each product once to bfloat16; either way the precision rule holds."""
+    monkeypatch.setattr(quant, "WIDEN_BF16", widen)
+    calls = []
+    wide_linear = quant.wide_linear
+    monkeypatch.setattr(quant, "wide_linear", lambda *a: calls.append(1) or wide_linear(*a))
+    x = torch.randn(2, 20, 32, generator=torch.Generator().manual_seed(3)).bfloat16()  # 40 rows: not decode
+    exact, naive, under = _blocks("mlp", {"d_model": 32, "hidden": 64, "gated": True, "activation": "silu"},
+                                  torch.bfloat16, "linear")
+    with torch.no_grad():
+        got = under(x)
+        _check(got, naive(x), exact(x.double()), torch.bfloat16)
+        wide = [F.linear(v.float(), w.float()).bfloat16() for v, w in ((x, under.w_gate), (x, under.w_up))]
+        want = F.linear((F.silu(wide[0]) * wide[1]).float(), under.w_down.float()).bfloat16()
+    assert torch.equal(got, want) and len(calls) == (3 if widen else 0)
+    exact, naive, under = _blocks("moe", MOE, torch.bfloat16, "grouped")
+    with torch.no_grad():
+        _check(under(x), naive(x), exact(x.double()), torch.bfloat16)
+    assert (len(calls) > 3) == widen  # the experts with more than GEMV_MAX_ROWS tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -34,9 +34,10 @@ def llmkit_impls() -> list[Impl]:
              device_types={"cpu"}, dtypes=_FLOATS, features=_ATTENTION | {"softcap"}, priority=10,
              prepare=attention.prepare,
              summary="chunked online-softmax attention: soft-cap, windows, O(T * chunk) memory"),
-        Impl(kind="moe@1", backend="cpu", name="grouped", forward=moe.grouped_forward,
+        Impl(kind="moe@1", backend="cpu", name="grouped", forward=moe.grouped_forward, prepare=moe.prepare,
              device_types={"cpu"}, dtypes=_FLOATS, features={ANY}, priority=10,
-             summary="tokens sorted by expert, one GEMM chain per active expert, index_add back"),
+             summary="tokens sorted by expert, one GEMM chain per active expert (GEMVs of this plugin's "
+                     "kernel at decode), index_add back"),
         Impl(kind="rope@1", backend="cpu", name="cached", forward=rope.cached_forward,
              device_types={"cpu"}, dtypes=_FLOATS, features={ANY}, priority=10,
              not_supported_reasons=rope.unsupported, prepare=rope.prepare,

@@ -1,4 +1,5 @@
-"""This plugin's own C kernels for packed linears: `quant="w4a8"` and `quant="fp16"`.
+"""This plugin's own C kernels: packed linears for `quant="w4a8"` and `quant="fp16"`, and the
+GEMVs of cpu.grouped's experts at decode.
 
 - w4a8 (w4a8.c): int4 weights times int8 activations. PyTorch's weight-only int4 kernel
   (`_weight_int4pack_mm_for_cpu`) converts every weight to float before it multiplies; on AVX2 that
@@ -11,13 +12,15 @@
 - fp16 (f16.c): half-precision weights converted exactly to float32 in registers (F16C) and
   multiplied by float32 activations; bound by the weights' bytes, which it streams at ~25 GB/s
   where fbgemm's fp16 GEMM reached ~15 (the 121 linears: 10.6 against 17.5 ms).
+- gemv (gemv.c): float32 or bfloat16 weights as stored (row-major, no packing) times a few float32
+  rows; an expert's matrices at ~29 GB/s where PyTorch's float32 GEMV reached ~15.
 
-Both are C (AVX2, FMA and F16C intrinsics, OpenMP over tiles of 8 output rows); ops.cpp makes them
-the CPU kernels of the dispatcher ops `llmkit_cpu::linear_w4a8` and `llmkit_cpu::linear_f16`
-through libtorch's stable C API, so that eager calls and compiled decode steps reach them without
-passing through Python (the schemas and the fake impls, which give inductor the output shape, are
-defined here). All three sources are compiled together with the C++ compiler (`$CXX`, default
-`c++`) at the first such pack, against the running torch's headers and libtorch_cpu, and cached
+They are C (AVX2, FMA and F16C intrinsics, OpenMP over blocks of output rows); ops.cpp makes them
+the CPU kernels of the dispatcher ops `llmkit_cpu::linear_w4a8`, `llmkit_cpu::linear_f16` and
+`llmkit_cpu::gemv` through libtorch's stable C API, so that eager calls and compiled decode steps
+reach them without passing through Python (the schemas and the fake impls, which give inductor the
+output shape, are defined here). The sources are compiled together with the C++ compiler (`$CXX`,
+default `c++`) at the first use, against the running torch's headers and libtorch_cpu, and cached
 under `${XDG_CACHE_HOME:-~/.cache}/llmkit/cpu-kernels/`, named by a hash of the sources, flags,
 compiler and torch build.
 """
@@ -35,7 +38,7 @@ from typing import Any
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("w4a8.c", "f16.c", "ops.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("w4a8.c", "f16.c", "gemv.c", "ops.cpp"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -69,8 +72,8 @@ def _library() -> Any:
     root = Path(torch.__file__).parent
     link = ("-L", str(root / "lib"), "-ltorch_cpu", f"-Wl,-rpath,{root / 'lib'}")
     # "-x c" before each C source: g++ compiled a second .c file after one "-x c" as C++
-    c_sources = [arg for source in SOURCES[:2] for arg in ("-x", "c", str(source))]
-    command = [exe, *FLAGS, "-I", str(root / "include"), *c_sources, "-x", "c++", str(SOURCES[2]), *link]
+    c_sources = [arg for source in SOURCES[:-1] for arg in ("-x", "c", str(source))]
+    command = [exe, *FLAGS, "-I", str(root / "include"), *c_sources, "-x", "c++", str(SOURCES[-1]), *link]
     key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in SOURCES), " ".join(command).encode(),
                                      torch.__version__.encode()])).hexdigest()[:16]
     path = cache_dir() / f"kernels-{key}.so"
@@ -97,23 +100,39 @@ def _linear_fake(x: torch.Tensor, w: torch.Tensor, *scales: torch.Tensor) -> tor
     return x.new_empty(x.shape[0], 8 * w.shape[0])
 
 
+def _gemv_fake(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def ready() -> bool:
+    """Whether the kernels can run here (built and registered, building them if need be): for
+    callers with a PyTorch path of their own to take otherwise (cpu.grouped's GEMVs)."""
+    if prerequisites("") is not None or isinstance(_library(), str):
+        return False
+    register_ops()
+    return True
+
+
 @functools.cache
 def register_ops() -> torch.library.Library:
     """Define `llmkit_cpu::linear_w4a8(x [M, K] float32, w [N/8, 4K] uint8, s [N/8, K/32, 2, 8]
     float32) -> y [M, N] float32`, x rounded to int8 per block of 32 (`w4a8_tiles` gives w and s
     from quant.pack's values), and `llmkit_cpu::linear_f16(x [M, K] float32, w [N/8, K, 8]
-    float16) -> y [M, N] float32` (`f16_tiles`), and register their kernels. Done at the first
-    pack, not at import: a fake impl imports torch's tracing machinery (~140 MiB of RSS), which
-    plugin discovery should not pay."""
+    float16) -> y [M, N] float32` (`f16_tiles`), and `llmkit_cpu::gemv(x [M, K] float32, w [N, K]
+    float32 or bfloat16) -> y [M, N] float32` (any w as stored), and register their kernels. Done at
+    the first use, not at import: a fake impl imports torch's tracing machinery (~140 MiB of RSS),
+    which plugin discovery should not pay."""
     if why := unavailable("w4a8/fp16"):
         raise RuntimeError(why)
     if _library().llmkit_cpu_register():
-        raise RuntimeError("registering the kernels of llmkit_cpu::linear_w4a8 and linear_f16 with the dispatcher failed")
+        raise RuntimeError("registering the kernels of the llmkit_cpu ops with the dispatcher failed")
     lib = torch.library.Library("llmkit_cpu", "DEF")
     lib.define("linear_w4a8(Tensor x, Tensor w, Tensor s) -> Tensor")
     lib.define("linear_f16(Tensor x, Tensor w) -> Tensor")
+    lib.define("gemv(Tensor x, Tensor w) -> Tensor")
     for name in ("linear_w4a8", "linear_f16"):
         torch.library.register_fake(f"llmkit_cpu::{name}", _linear_fake, lib=lib)
+    torch.library.register_fake("llmkit_cpu::gemv", _gemv_fake, lib=lib)
     return lib
 
 

@@ -7,16 +7,54 @@ each expert's tokens are one contiguous slice, in token order (capacity drops ke
 tokens, as the reference does). Each active expert runs act(x Wg^T) * (x Wu^T) Wd^T on its slice
 only — a handful of tokens at decode, a large GEMM at prefill — and the rows, weighted by their
 routing weight, are added back with one `index_add_`. Inactive experts cost nothing.
+
+An expert with at most `GEMV_MAX_ROWS` tokens (decode) in float32 or bfloat16, outside autograd,
+multiplies by this plugin's GEMV kernel (gemv.c through `llmkit_cpu::gemv`: the weights as stored,
+float32 sums, the output rounded once to the block's dtype, as `F.linear` does) when the kernels
+can be built here (`kernels.ready`, checked at bind time), else by `F.linear`: same formula, the
+kernel streams the expert's weights about twice as fast (README, MoE layer). Larger bfloat16
+slices on a CPU without bf16 instructions are multiplied in float32 (`quant.WIDEN_BF16`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from llmkit_blocks import mlp as _mlp
 from llmkit_blocks import moe as _moe
+
+from . import kernels, quant
+
+GEMV_MAX_ROWS = 4
+"""Up to this many tokens an expert's products are GEMVs (each weight read once, the rows reuse it
+from cache); beyond, PyTorch's GEMM."""
+_GEMV_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def prepare(block: Any, target: Any) -> None:
+    """Whether this block's experts may use the GEMV kernel (built here at the first bind)."""
+    block._cpu_gemv = target.device != "meta" and target.dtype in _GEMV_DTYPES and kernels.ready()
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = torch.ops.llmkit_cpu.gemv.default(x.float().contiguous(), w).to(x.dtype)
+    return y if b is None else y + b
+
+
+def _expert(lin: Callable[..., torch.Tensor], block: Any, e: int, x: torch.Tensor) -> torch.Tensor:
+    """`_moe.expert` (mlp@1's formula) with `lin(x, w, b)` for its products."""
+    c = block.config
+    bias = c.expert_bias
+    up = lin(x, block.w_up[e], block.b_up[e] if bias else None)
+    if c.gated:
+        h = _mlp.activation(c.activation, lin(x, block.w_gate[e], block.b_gate[e] if bias else None)) * up
+    else:
+        h = _mlp.activation(c.activation, up)
+    return lin(h, block.w_down[e], block.b_down[e] if bias else None)
 
 
 def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
@@ -31,6 +69,8 @@ def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
     token = order // c.top_k
     mix = weights.reshape(-1)[order].to(x.dtype)[:, None]
     out = torch.zeros_like(h)
+    gemv = block.__dict__.get("_cpu_gemv", False) and h.dtype in _GEMV_DTYPES and not torch.is_grad_enabled()
+    wide = quant.WIDEN_BF16 and h.dtype == torch.bfloat16
     start = 0
     for e, count in enumerate(counts.tolist()):
         if count == 0:
@@ -38,7 +78,13 @@ def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
         end = start + count
         keep = end if capacity is None else start + min(count, capacity)
         rows = token[start:keep]
-        y = _moe.expert(block, e, h.index_select(0, rows))
+        rows_in = h.index_select(0, rows)
+        if gemv and keep - start <= GEMV_MAX_ROWS:
+            y = _expert(_gemv, block, e, rows_in)
+        elif wide:
+            y = _expert(quant.wide_linear, block, e, rows_in)
+        else:
+            y = _moe.expert(block, e, rows_in)
         out.index_add_(0, rows, y * mix[start:keep])
         start = end
     out = _moe.add_shared(block, h, out)

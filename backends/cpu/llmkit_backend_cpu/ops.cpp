@@ -1,5 +1,5 @@
-// The dispatcher kernels of `llmkit_cpu::linear_w4a8(Tensor x, Tensor w, Tensor s) -> Tensor` and
-// `llmkit_cpu::linear_f16(Tensor x, Tensor w) -> Tensor`.
+// The dispatcher kernels of `llmkit_cpu::linear_w4a8(Tensor x, Tensor w, Tensor s) -> Tensor`,
+// `llmkit_cpu::linear_f16(Tensor x, Tensor w) -> Tensor` and `llmkit_cpu::gemv(Tensor x, Tensor w) -> Tensor`.
 //
 // Registered from C++ through libtorch's stable C API (the shim of
 // torch/csrc/inductor/aoti_torch/c/shim.h): a call from Python, or from a compiled decode step's
@@ -10,7 +10,9 @@
 // linear_w4a8: x [M, K] float32, w [N/8, 4K] uint8 (tiles of 8 rows), s [N/8, K/32, 2, 8] float32
 // (per tile and group: the 8 rows' scales d, then minima m); formula and layout in w4a8.c.
 // linear_f16: x [M, K] float32, w [N/8, K, 8] float16 (tiles of 8 rows); layout in f16.c.
-// All operands contiguous CPU tensors; both return y [M, N] float32 (N a multiple of 8).
+// gemv: x [M, K] float32, w [N, K] float32 or bfloat16 (row-major, as stored); gemv.c.
+// All operands contiguous CPU tensors; each returns y [M, N] float32 (N a multiple of 8 for the
+// first two).
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 
 #include <cstdint>
@@ -21,6 +23,8 @@
 extern "C" int llmkit_w4a8_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *sc,
                                   int64_t N8, float *y);
 extern "C" void llmkit_f16_linear(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N8, float *y);
+extern "C" void llmkit_gemv_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y);
+extern "C" void llmkit_gemv_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y);
 
 namespace {
 
@@ -117,12 +121,41 @@ void linear_f16(StableIValue *stack, uint64_t, uint64_t) {
   stack[0] = reinterpret_cast<StableIValue>(y);
 }
 
+void gemv(StableIValue *stack, uint64_t, uint64_t) {
+  const char *op = "gemv";
+  const Owned x(stack[0]), w(stack[1]);
+  const int64_t *xs = expect(op, x, "x", aoti_torch_dtype_float32(), "float32", 2);
+  int32_t wtype;
+  check(aoti_torch_get_dtype(w.handle, &wtype), op, "reading a dtype");
+  const bool bf16 = wtype == aoti_torch_dtype_bfloat16();
+  const int64_t *ws = bf16 ? expect(op, w, "w", wtype, "bfloat16", 2)
+                           : expect(op, w, "w", aoti_torch_dtype_float32(), "float32 or bfloat16", 2);
+  const int64_t M = xs[0], K = xs[1], N = ws[0];
+  if (ws[1] != K)
+    throw std::runtime_error("llmkit_cpu::gemv: shapes x [M, K], w [N, K] expected, got K=" + std::to_string(K) +
+                             ", w [" + std::to_string(ws[0]) + ", " + std::to_string(ws[1]) + "]");
+  AtenTensorHandle y = output(op, M, N);
+  try {
+    const float *xp = static_cast<const float *>(data(op, x.handle));
+    float *yp = static_cast<float *>(data(op, y));
+    if (bf16)
+      llmkit_gemv_bf16(xp, M, K, static_cast<const uint16_t *>(data(op, w.handle)), N, yp);
+    else
+      llmkit_gemv_f32(xp, M, K, static_cast<const float *>(data(op, w.handle)), N, yp);
+  } catch (...) {
+    aoti_torch_delete_tensor_object(y);
+    throw;
+  }
+  stack[0] = reinterpret_cast<StableIValue>(y);
+}
+
 }  // namespace
 
-// Registers both CPU kernels (once: kernels.py calls it after loading the library). 0 on success.
+// Registers the CPU kernels (once: kernels.py calls it after loading the library). 0 on success.
 extern "C" int llmkit_cpu_register(void) {
   TorchLibraryHandle lib;  // kept for the life of the process, as TORCH_LIBRARY_IMPL's would be
   if (aoti_torch_library_init_impl("llmkit_cpu", "CPU", __FILE__, __LINE__, &lib) != AOTI_TORCH_SUCCESS) return -1;
   if (aoti_torch_library_impl(lib, "linear_w4a8", linear_w4a8) != AOTI_TORCH_SUCCESS) return -1;
-  return aoti_torch_library_impl(lib, "linear_f16", linear_f16) == AOTI_TORCH_SUCCESS ? 0 : -1;
+  if (aoti_torch_library_impl(lib, "linear_f16", linear_f16) != AOTI_TORCH_SUCCESS) return -1;
+  return aoti_torch_library_impl(lib, "gemv", gemv) == AOTI_TORCH_SUCCESS ? 0 : -1;
 }
