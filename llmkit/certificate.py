@@ -281,10 +281,16 @@ def _file_hash(obj: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+SOURCE_SUFFIXES = frozenset({".py", ".c", ".cc", ".cpp", ".h", ".hpp", ".cu"})
+"""Files of a plugin package that `_package_hash` covers: Python, and the C/C++/CUDA sources a
+plugin compiles at first use (the cpu plugin's kernels)."""
+
+
 def _package_hash(obj: Any) -> str:
-    """SHA-256 over every .py file of the top-level package that defines `obj` (paths and contents):
-    an impl's helpers live anywhere in its plugin, so an edit anywhere there may change its results.
-    A plain module (not a package) hashes as its own file."""
+    """SHA-256 over every source file (`SOURCE_SUFFIXES`) of the top-level package that defines `obj`
+    (paths and contents): an impl's helpers live anywhere in its plugin, kernels compiled from its C
+    sources included, so an edit anywhere there may change its results. A plain module (not a
+    package) hashes as its own file."""
     module = inspect.getmodule(inspect.unwrap(obj))
     top = sys.modules.get(module.__name__.partition(".")[0]) if module is not None else None
     roots = [Path(p) for p in getattr(top, "__path__", [])]
@@ -292,7 +298,7 @@ def _package_hash(obj: Any) -> str:
         return _file_hash(obj)
     digest = hashlib.sha256()
     for root in roots:
-        for file in sorted(root.rglob("*.py")):
+        for file in sorted(f for f in root.rglob("*") if f.suffix in SOURCE_SUFFIXES and f.is_file()):
             digest.update(file.relative_to(root).as_posix().encode() + b"\0")
             digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()

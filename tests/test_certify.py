@@ -310,7 +310,13 @@ def test_source_hash_covers_the_whole_plugin_package(tmp_path, monkeypatch) -> N
     before = certificate.source_hash(impl)
     assert certificate.source_hash(impl) == before
     (pkg / "helpers.py").write_text("def scale(x):\n    return 3 * x\n")
-    assert certificate.source_hash(impl) != before
+    edited = certificate.source_hash(impl)
+    assert edited != before
+    (pkg / "kernel.c").write_text("float scale(float x) { return 3 * x; }\n")  # a kernel built at first use
+    assert certificate.source_hash(impl) not in (before, edited)
+    (pkg / "notes.txt").write_text("not a source")
+    (pkg / "kernel.c").unlink()
+    assert certificate.source_hash(impl) == edited
     for name in ("llmkit_hashvendor", "llmkit_hashvendor.ops", "llmkit_hashvendor.helpers"):
         monkeypatch.delitem(sys.modules, name)
 
