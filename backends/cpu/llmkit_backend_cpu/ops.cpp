@@ -74,6 +74,18 @@ AtenTensorHandle output(const char *op, int64_t M, int64_t N) {
   return y;
 }
 
+// Runs `kernel` into the op's new output y, then hands y to the dispatcher; y is freed if it throws.
+template <class Kernel>
+void finish(StableIValue *stack, AtenTensorHandle y, Kernel kernel) {
+  try {
+    kernel();
+  } catch (...) {
+    aoti_torch_delete_tensor_object(y);
+    throw;
+  }
+  stack[0] = reinterpret_cast<StableIValue>(y);
+}
+
 void linear_w4a8(StableIValue *stack, uint64_t, uint64_t) {
   const char *op = "linear_w4a8";
   const Owned x(stack[0]), w(stack[1]), s(stack[2]);
@@ -88,16 +100,12 @@ void linear_w4a8(StableIValue *stack, uint64_t, uint64_t) {
                              std::to_string(ss[0]) + ", " + std::to_string(ss[1]) + ", " +
                              std::to_string(ss[2]) + ", " + std::to_string(ss[3]) + "]");
   AtenTensorHandle y = output(op, M, 8 * N8);
-  try {
+  finish(stack, y, [&] {
     if (llmkit_w4a8_linear(static_cast<const float *>(data(op, x.handle)), M, K,
                            static_cast<const uint8_t *>(data(op, w.handle)), static_cast<const float *>(data(op, s.handle)),
                            N8, static_cast<float *>(data(op, y))))
       throw std::bad_alloc();  // the activations' int8 copy
-  } catch (...) {
-    aoti_torch_delete_tensor_object(y);
-    throw;
-  }
-  stack[0] = reinterpret_cast<StableIValue>(y);
+  });
 }
 
 void linear_f16(StableIValue *stack, uint64_t, uint64_t) {
@@ -111,14 +119,10 @@ void linear_f16(StableIValue *stack, uint64_t, uint64_t) {
                              std::to_string(K) + ", w [" + std::to_string(ws[0]) + ", " + std::to_string(ws[1]) +
                              ", " + std::to_string(ws[2]) + "]");
   AtenTensorHandle y = output(op, M, 8 * N8);
-  try {
+  finish(stack, y, [&] {
     llmkit_f16_linear(static_cast<const float *>(data(op, x.handle)), M, K,
                       static_cast<const uint16_t *>(data(op, w.handle)), N8, static_cast<float *>(data(op, y)));
-  } catch (...) {
-    aoti_torch_delete_tensor_object(y);
-    throw;
-  }
-  stack[0] = reinterpret_cast<StableIValue>(y);
+  });
 }
 
 void gemv(StableIValue *stack, uint64_t, uint64_t) {
@@ -135,18 +139,14 @@ void gemv(StableIValue *stack, uint64_t, uint64_t) {
     throw std::runtime_error("llmkit_cpu::gemv: shapes x [M, K], w [N, K] expected, got K=" + std::to_string(K) +
                              ", w [" + std::to_string(ws[0]) + ", " + std::to_string(ws[1]) + "]");
   AtenTensorHandle y = output(op, M, N);
-  try {
+  finish(stack, y, [&] {
     const float *xp = static_cast<const float *>(data(op, x.handle));
     float *yp = static_cast<float *>(data(op, y));
     if (bf16)
       llmkit_gemv_bf16(xp, M, K, static_cast<const uint16_t *>(data(op, w.handle)), N, yp);
     else
       llmkit_gemv_f32(xp, M, K, static_cast<const float *>(data(op, w.handle)), N, yp);
-  } catch (...) {
-    aoti_torch_delete_tensor_object(y);
-    throw;
-  }
-  stack[0] = reinterpret_cast<StableIValue>(y);
+  });
 }
 
 }  // namespace
