@@ -348,9 +348,10 @@ def test_prefill_sized_bfloat16_products_widened_to_float32_meet_the_precision_r
         want = F.linear((F.silu(wide[0]) * wide[1]).float(), under.w_down.float()).bfloat16()
     assert torch.equal(got, want) and len(calls) == (3 if widen else 0)
     exact, naive, under = _blocks("moe", MOE, torch.bfloat16, "grouped")
+    x = torch.randn(4, 40, 32, generator=torch.Generator().manual_seed(4)).bfloat16()  # ~40 tokens an expert
     with torch.no_grad():
         _check(under(x), naive(x), exact(x.double()), torch.bfloat16)
-    assert (len(calls) > 3) == widen  # the experts with more than GEMV_MAX_ROWS tokens
+    assert (len(calls) > 3) == widen  # the experts with more than 16 tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

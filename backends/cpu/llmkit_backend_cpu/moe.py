@@ -13,7 +13,8 @@ multiplies by this plugin's GEMV kernel (gemv.c through `llmkit_cpu::gemv`: the 
 float32 sums, the output rounded once to the block's dtype, as `F.linear` does) when the kernels
 can be built here (`kernels.ready`, checked at bind time), else by `F.linear`: same formula, the
 kernel streams the expert's weights about twice as fast (README, MoE layer). Larger bfloat16
-slices on a CPU without bf16 instructions are multiplied in float32 (`quant.WIDEN_BF16`).
+slices (more than `quant.PACKED_MAX_ROWS` tokens) on a CPU without bf16 instructions are
+multiplied in float32 (`quant.WIDEN_BF16`).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
         rows_in = h.index_select(0, rows)
         if gemv and keep - start <= GEMV_MAX_ROWS:
             y = _expert(_gemv, block, e, rows_in)
-        elif wide:
+        elif wide and keep - start > quant.PACKED_MAX_ROWS:  # prefill-sized, as quant.linear widens
             y = _expert(quant.wide_linear, block, e, rows_in)
         else:
             y = _moe.expert(block, e, rows_in)
