@@ -34,9 +34,9 @@ from llmkit import peaks
 from llmkit.atomic import write_json_atomic
 from llmkit.bench import cpu_model, llamacpp_greedy, llmkit_greedy, transformers_greedy, transformers_model
 
+from interleaved_decode import TEXT
 from model_bench import SOURCE
 
-TEXT = "The three primary colours are red, yellow and blue. Mixing two of them gives a secondary colour. "
 LAYER_MATRICES = (("attention", ("wq", "wk", "wv", "wo")), ("mlp", ("w_gate", "w_up", "w_down")))
 
 
