@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from llmkit.hookspecs import Target
 from llmkit_blocks import embedding as _embedding
@@ -59,7 +58,7 @@ def head_forward(block: Any, x: torch.Tensor, tied_weight: torch.Tensor | None =
     if not c.tied:
         logits = linear(block, "weight", "bias" if c.bias else None, x)
     elif block._cpu_tied_mode is None or not quant.small(x):
-        logits = F.linear(x, tied_weight, bias)
+        logits = quant.float_linear(x, tied_weight, bias)
     else:
         if block._cpu_tied is None or block._cpu_tied[0] is not tied_weight:
             block._cpu_pack_tied(block, tied_weight, x.dtype)

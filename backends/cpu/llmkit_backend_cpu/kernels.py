@@ -107,7 +107,7 @@ def _gemv_fake(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def ready() -> bool:
     """Whether the kernels can run here (built and registered, building them if need be): for
     callers with a PyTorch path of their own to take otherwise (cpu.grouped's GEMVs)."""
-    if prerequisites("") is not None or isinstance(_library(), str):
+    if unavailable("gemv") is not None:
         return False
     register_ops()
     return True

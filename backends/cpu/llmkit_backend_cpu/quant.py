@@ -168,14 +168,19 @@ def small(x: torch.Tensor) -> bool:
     return x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
 
 
+def float_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` with float weights, in float32 for prefill-sized bfloat16 inputs where `WIDEN_BF16`."""
+    if WIDEN_BF16 and x.dtype == torch.bfloat16 and not small(x):
+        return wide_linear(x, w, b)
+    return F.linear(x, w, b)
+
+
 def linear(block: Any, weight: str, bias: str | None, x: torch.Tensor) -> torch.Tensor:
     """`llmkit_blocks.attention.linear` with the block's packed weight when it has one (decode
-    sizes), in float32 for prefill-sized bfloat16 inputs where `WIDEN_BF16`."""
+    sizes), else `float_linear`."""
     entry = block.__dict__.get("_cpu_quant", {}).get(weight)
     if entry is None or not small(x):
-        if WIDEN_BF16 and x.dtype == torch.bfloat16 and not small(x):
-            return wide_linear(x, getattr(block, weight), getattr(block, bias) if bias else None)
-        return _attn.linear(block, weight, bias, x)
+        return float_linear(x, getattr(block, weight), getattr(block, bias) if bias else None)
     y = matmul(entry, x)
     return y + getattr(block, bias) if bias else y
 
