@@ -195,10 +195,12 @@ def test_moe_grouped(dtype, extra, tokens) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows, k, n", [(1, 1, 1), (2, 7, 5), (3, 1024, 3584), (4, 3584, 1027)])
+@pytest.mark.parametrize("rows, k, n", [(1, 1, 1), (2, 7, 5), (3, 1024, 3584), (4, 3584, 1027), (5, 48, 9),
+                                         (1, 1050, 12), (2, 16, 4)])
 def test_gemv_kernel_is_x_times_the_weights_in_float32(rows, k, n, dtype) -> None:
     """`llmkit_cpu::gemv` against float64: the weights as stored (bfloat16 widened exactly), float32
-    sums (blocks of 4 rows and the scalar rest, 8-channel vectors and the scalar tail)."""
+    sums (blocks of 4 rows and the scalar rest, rows of x in pairs and a single one, whole 64-byte
+    lines, bfloat16's split blocks of 16 channels and the scalar tail)."""
     gen = torch.Generator().manual_seed(k + n)
     w = (torch.randn(n, k, generator=gen) * torch.linspace(0.01, 3, n)[:, None]).to(dtype)
     x = torch.randn(rows, k, generator=gen)
@@ -332,7 +334,7 @@ def test_mlp_unquantised_is_the_reference(dtype, config) -> None:
 
 @pytest.mark.parametrize("widen", [True, False])
 def test_prefill_sized_bfloat16_products_widened_to_float32_meet_the_precision_rule(monkeypatch, widen) -> None:
-    """Without bf16 instructions (`WIDEN_BF16`), a bfloat16 MLP or MoE at prefill size multiplies in
+    """Without bf16 instructions (`WIDEN_BF16`), a bfloat16 MLP, tied head or MoE at prefill size multiplies in
     float32 and rounds each product once to bfloat16; either way the precision rule holds."""
     monkeypatch.setattr(quant, "WIDEN_BF16", widen)
     calls = []
@@ -347,11 +349,17 @@ def test_prefill_sized_bfloat16_products_widened_to_float32_meet_the_precision_r
         wide = [F.linear(v.float(), w.float()).bfloat16() for v, w in ((x, under.w_gate), (x, under.w_up))]
         want = F.linear((F.silu(wide[0]) * wide[1]).float(), under.w_down.float()).bfloat16()
     assert torch.equal(got, want) and len(calls) == (3 if widen else 0)
+    exact, naive, under = _blocks("head", {"d_model": 32, "vocab_size": 50, "tied": True}, torch.bfloat16, "linear")
+    tied = 0.3 * torch.randn(50, 32, generator=torch.Generator().manual_seed(5)).bfloat16()
+    with torch.no_grad():  # a tied head's matrix arrives with the call: the same widening
+        got = under(x, tied)
+        _check(got, naive(x, tied), exact(x.double(), tied.double()), torch.bfloat16)
+    assert torch.equal(got, F.linear(x.float(), tied.float()).bfloat16()) and len(calls) == (4 if widen else 0)
     exact, naive, under = _blocks("moe", MOE, torch.bfloat16, "grouped")
     x = torch.randn(4, 40, 32, generator=torch.Generator().manual_seed(4)).bfloat16()  # ~40 tokens an expert
     with torch.no_grad():
         _check(under(x), naive(x), exact(x.double()), torch.bfloat16)
-    assert (len(calls) > 3) == widen  # the experts with more than 16 tokens
+    assert (len(calls) > 4) == widen  # the experts with more than 16 tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -2,22 +2,30 @@
  * every product and sum in float32 (bfloat16 weights widen exactly).
  *
  * For cpu.grouped's experts at decode: an expert sees one or two tokens, so its three matrices are
- * read once per step and the time is the time to stream them. PyTorch's float32 GEMV streamed a
- * Mixtral-proportioned expert (1024 x 3584, three matrices) at ~15 GB/s on the AVX2 EPYC; this
- * kernel at ~29 GB/s, the machine's copy bandwidth (two experts, one token, 2 threads, a ctypes
- * loop, medians of 20: 3.0 against 5.7 ms; bfloat16 2.3 against 2.7 ms).
+ * read once per step and the time is the time to stream them.
  *
- * Rows of W in blocks of 4 (OpenMP over blocks): four row streams, each with a software prefetch
- * 512 bytes ahead, one FMA per 8 channels and row into four accumulators, one horizontal sum per
- * row at the end; the rows of x reuse the block from cache. A last block of fewer rows and a tail of
- * K % 8 channels run a scalar loop.
+ * OpenMP over rows of W (static: each thread one contiguous range, so one sequential stream, which
+ * the hardware prefetcher follows; no software prefetch). Each row is read once for each pair of
+ * x's rows, 32 channels a step into 4 accumulators per row of x (8 for a pair); the pair's second
+ * and later passes find the row in cache. A bfloat16 step is two 32-byte loads of 16 weights, each
+ * widened as two vectors by a shift (the even channels, low halves) and a mask (the odd channels,
+ * high halves), with x's channels split the same way once per call (`split`): two instructions per
+ * 16 weights, where a zero-extension and a shift of each 8 took four. One horizontal sum per row of
+ * W and of x at the end; channels past the last whole step run a scalar loop.
  *
- * Built by llmkit_backend_cpu/kernels.py with the other kernels (-O3 -mavx2 -mfma -fopenmp).
+ * Against the kernel before it (four rows of W interleaved, one row of x per pass, a software
+ * prefetch per 8 channels and row, bfloat16 widened 8 at a time), Mixtral-proportioned experts
+ * (1024 x 3584, three matrices, eight experts in turn, 2 threads, a ctypes loop, medians of 25,
+ * AVX-512 EPYC, four runs; a float32 sum over the same matrices read 84 GB/s): float32 at 49-62
+ * (1 row of x), 46-60 (2) and 33-39 GB/s (4) against 41-54, 37-40 and 30-32; bfloat16 at 49-64,
+ * 37-45 and 23-25 against 34-39, 25-27 and 18-19. (Software prefetches slowed a plain AVX2 sum
+ * there from 85 to 59 GB/s.) Not measured on an AVX2 CPU.
+ *
+ * Built by llmkit_backend_cpu/kernels.py with the other kernels (-O3 -mavx2 -mfma -mf16c -fopenmp).
  */
 #include <immintrin.h>
 #include <stdint.h>
-
-#define PREFETCH_BYTES 512
+#include <stdlib.h>
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -26,70 +34,83 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-/* Weights k..k+7 (or k) of a row as float32: float32 loaded, or bfloat16 widened exactly (its
- * bits are float32's upper half). `bf16` is a constant in each caller, so each inlined copy keeps
- * one branch. */
-static inline __m256 load8(const void *row, int64_t k, int bf16) {
-  if (!bf16) return _mm256_loadu_ps((const float *)row + k);
-  const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + k));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 static inline float load1(const void *row, int64_t k, int bf16) {
   if (!bf16) return ((const float *)row)[k];
   union { uint32_t u; float f; } v = {(uint32_t)((const uint16_t *)row)[k] << 16};
   return v.f;
 }
 
-static inline __attribute__((always_inline)) void gemv(const float *x, int64_t M, int64_t K, const char *w,
-                                                        int64_t N, float *y, int bf16) {
-  const int64_t K8 = K & ~(int64_t)7, blocks = (N + 3) / 4, row_bytes = K * (bf16 ? 2 : 4);
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n = 4 * b;
-    if (n + 4 > N) { /* the last rows, one at a time */
-      for (int64_t i = n; i < N; ++i)
-        for (int64_t r = 0; r < M; ++r) {
-          float s = 0.f;
-          for (int64_t k = 0; k < K; ++k) s += load1(w + i * row_bytes, k, bf16) * x[r * K + k];
-          y[r * N + i] = s;
-        }
-      continue;
-    }
-    const char *w0 = w + n * row_bytes, *w1 = w0 + row_bytes, *w2 = w1 + row_bytes, *w3 = w2 + row_bytes;
-    const int64_t step = 8 * (bf16 ? 2 : 4);
-    for (int64_t r = 0; r < M; ++r) {
-      const float *xr = x + r * K;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-      for (int64_t k = 0, at = 0; k < K8; k += 8, at += step) {
-        _mm_prefetch(w0 + at + PREFETCH_BYTES, _MM_HINT_T0);
-        _mm_prefetch(w1 + at + PREFETCH_BYTES, _MM_HINT_T0);
-        _mm_prefetch(w2 + at + PREFETCH_BYTES, _MM_HINT_T0);
-        _mm_prefetch(w3 + at + PREFETCH_BYTES, _MM_HINT_T0);
-        const __m256 xv = _mm256_loadu_ps(xr + k);
-        a0 = _mm256_fmadd_ps(load8(w0, k, bf16), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(w1, k, bf16), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(w2, k, bf16), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(w3, k, bf16), xv, a3);
-      }
-      float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-      for (int64_t k = K8; k < K; ++k) {
-        s0 += load1(w0, k, bf16) * xr[k];
-        s1 += load1(w1, k, bf16) * xr[k];
-        s2 += load1(w2, k, bf16) * xr[k];
-        s3 += load1(w3, k, bf16) * xr[k];
-      }
-      float *yr = y + r * N + n;
-      yr[0] = s0, yr[1] = s1, yr[2] = s2, yr[3] = s3;
-    }
+/* Weights k..k+15 of a row as two float32 vectors: float32 k..k+7 and k+8..k+15; bfloat16 the even
+ * channels (each 32-bit lane's low half, shifted up) and the odd ones (its high half, masked). */
+static inline __attribute__((always_inline)) void load16(const void *row, int64_t k, int bf16, __m256 *lo,
+                                                          __m256 *hi) {
+  if (!bf16) {
+    *lo = _mm256_loadu_ps((const float *)row + k);
+    *hi = _mm256_loadu_ps((const float *)row + k + 8);
+    return;
+  }
+  const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
+  *lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  *hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000)));
+}
+
+/* X (1 or 2, a constant in each inlined copy, so the accumulators stay in registers) rows of x
+ * against one row w of W, into y[j * N]. xs: x's rows with each whole block of 16 channels in
+ * load16's order; x: as given (for the tail). 32 channels a step into 4 accumulators per row of x. */
+static inline __attribute__((always_inline)) void row(const float *xs, const float *x, int X, int64_t K,
+                                                      const char *w, float *y, int64_t N, int bf16) {
+  const int64_t steps = K / 32;
+  __m256 a[2][4];
+  for (int j = 0; j < X; ++j)
+    for (int i = 0; i < 4; ++i) a[j][i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < steps; ++t) {
+    const int64_t k = 32 * t;
+    __m256 v[4];
+    load16(w, k, bf16, &v[0], &v[1]);
+    load16(w, k + 16, bf16, &v[2], &v[3]);
+    for (int j = 0; j < X; ++j)
+      for (int i = 0; i < 4; ++i) a[j][i] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xs + j * K + k + 8 * i), a[j][i]);
+  }
+  for (int j = 0; j < X; ++j) {
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a[j][0], a[j][1]), _mm256_add_ps(a[j][2], a[j][3])));
+    for (int64_t k = 32 * steps; k < K; ++k) s += load1(w, k, bf16) * x[j * K + k];
+    y[j * N] = s;
   }
 }
 
-/* y [M, N] float32 = x [M, K] float32 @ W^T, W [N, K] row-major float32 / bfloat16 bit patterns. */
-void llmkit_gemv_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y) {
-  gemv(x, M, K, (const char *)w, N, y, 0);
+/* x [M, K] in load16's bfloat16 order: in each whole block of 16 channels, the 8 even ones then the
+ * 8 odd ones; a last partial block as given. */
+static void split(const float *x, int64_t M, int64_t K, float *out) {
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t k = 0; k < K; k += 16)
+      for (int64_t j = 0; j < 16 && k + j < K; ++j)
+        out[r * K + k + (k + 16 <= K ? (j & 1) * 8 + j / 2 : j)] = x[r * K + k + j];
 }
 
-void llmkit_gemv_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y) {
-  gemv(x, M, K, (const char *)w, N, y, 1);
+static inline __attribute__((always_inline)) void gemv(const float *x, const float *xs, int64_t M, int64_t K,
+                                                        const char *w, int64_t N, float *y, int bf16) {
+  const int64_t row_bytes = K * (bf16 ? 2 : 4);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t r = 0; r < M; r += 2)
+      if (M - r >= 2)
+        row(xs + r * K, x + r * K, 2, K, w + i * row_bytes, y + r * N + i, N, bf16);
+      else
+        row(xs + r * K, x + r * K, 1, K, w + i * row_bytes, y + r * N + i, N, bf16);
+}
+
+/* y [M, N] float32 = x [M, K] float32 @ W^T, W [N, K] row-major float32 / bfloat16 bit patterns.
+ * 0 on success; the bfloat16 one returns 1 if it cannot allocate x's split copy (M * K floats). */
+int llmkit_gemv_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y) {
+  gemv(x, x, M, K, (const char *)w, N, y, 0);
+  return 0;
+}
+
+int llmkit_gemv_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y) {
+  float *xs = (float *)malloc(sizeof(float) * (size_t)(M * K > 0 ? M * K : 1));
+  if (!xs) return 1;
+  split(x, M, K, xs);
+  gemv(x, xs, M, K, (const char *)w, N, y, 1);
+  free(xs);
+  return 0;
 }
