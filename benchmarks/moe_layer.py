@@ -6,10 +6,13 @@ transformers' `MixtralSparseMoeBlock` (its default experts implementation), meas
 run. Roofline: at 1-4 tokens the layer is bandwidth-bound — it must read the active experts'
 weights (3 * d * hidden each) and the router once; at 512 tokens it is FLOP-bound —
 2 * tokens * top_k * 3 * d * hidden FLOPs. Peaks are this machine's, measured by the CPU
-backend's calibration (best torch.mm and large copy); the compute peak of a 16-bit dtype is
-float32's where PyTorch's GEMM in that dtype is slower (a CPU without bf16 instructions, such as
-an AVX2 one, multiplies bf16 weights fastest by widening them to float32, as cpu.grouped's GEMV
-kernel does). Median of `--repeat` runs after warm-up.
+backend's calibration (best torch.mm and large copy) and, for the bandwidth, also as the best of
+large reads (`peaks.host_read_bandwidth`) just before each row, as the VM's memory bandwidth moves
+within a session (46 to 82 GB/s for copies on the AVX-512 EPYC): the roofline takes the higher of
+the two, since the layer's decode reads its weights and writes almost nothing. The compute peak
+of a 16-bit dtype is float32's where PyTorch's GEMM in that dtype is slower (a CPU without bf16
+instructions, such as an AVX2 one, multiplies bf16 weights fastest by widening them to float32,
+as cpu.grouped's GEMV kernel does). Median of `--repeat` runs after warm-up.
 
     .venv/bin/python benchmarks/moe_layer.py [--repeat 7] [--out FILE]
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from llmkit import peaks
 from llmkit.atomic import write_json_atomic
 from llmkit.bench import cpu_model
 
@@ -89,6 +93,8 @@ def main() -> None:
             blocks[impl] = block
         for n in [int(t) for t in args.tokens.split(",")]:
             x = torch.randn(1, n, D).to(dtype)
+            read_bytes_per_s = peaks.host_read_bandwidth()
+            bytes_per_s = max(peak.bytes_per_s, read_bytes_per_s)
             with torch.inference_mode():
                 ours = blocks["cpu.grouped"]
                 ours(x)
@@ -100,9 +106,10 @@ def main() -> None:
                     row[name + "_ms"] = 1e3 * _median_s(fn, args.repeat)
             weight_bytes = (active * 3 * D * HIDDEN + EXPERTS * D) * x.element_size()
             flops = 2 * n * TOP_K * 3 * D * HIDDEN
-            roofline_s = max(weight_bytes / peak.bytes_per_s, flops / flops_per_s)
+            roofline_s = max(weight_bytes / bytes_per_s, flops / flops_per_s)
             row |= {"roofline_ms": 1e3 * roofline_s,
-                    "bound": "bandwidth" if weight_bytes / peak.bytes_per_s > flops / flops_per_s else "flops",
+                    "bound": "bandwidth" if weight_bytes / bytes_per_s > flops / flops_per_s else "flops",
+                    "copy_bytes_per_s": peak.bytes_per_s, "read_bytes_per_s": read_bytes_per_s,
                     "fraction_of_roofline": 1e3 * roofline_s / row["llmkit_cpu_grouped_ms"],
                     "vs_transformers": row["transformers_ms"] / row["llmkit_cpu_grouped_ms"],
                     "peak_source": peak_source}
