@@ -5,16 +5,18 @@ tokens, float32 and bfloat16; the same weights in llmkit's `cpu.grouped`, the re
 transformers' `MixtralSparseMoeBlock` (its default experts implementation), measured in the same
 run. Roofline: at 1-4 tokens the layer is bandwidth-bound — it must read the active experts'
 weights (3 * d * hidden each) and the router once; at 512 tokens it is FLOP-bound —
-2 * tokens * top_k * 3 * d * hidden FLOPs. Peaks are this machine's, measured by the CPU
-backend's calibration (best torch.mm and large copy) and, for the bandwidth, also as the best of
-large reads (`peaks.host_read_bandwidth`) just before each row, as the VM's memory bandwidth moves
-within a session (46 to 82 GB/s for copies on the AVX-512 EPYC): the roofline takes the higher of
-the two, since the layer's decode reads its weights and writes almost nothing. The compute peak
-of a 16-bit dtype is float32's where PyTorch's GEMM in that dtype is slower (a CPU without bf16
+2 * tokens * top_k * 3 * d * hidden FLOPs. The peaks are measured in the same turns as the engines,
+since a shared VM's speed moves within a session (large copies on the AVX-512 EPYC: 46 to 82 GB/s
+within an hour): the bandwidth roofline is the time to read exactly those weights (a sum over
+each active expert's matrices and the router, their bytes read as float32), the FLOP roofline the
+FLOPs at the rate of a 1024^3 `torch.mm` (`llmkit.peaks`). That GEMM runs in the layer's dtype,
+or in float32 where PyTorch's GEMM in the 16-bit dtype is slower (a CPU without bf16
 instructions, such as an AVX2 one, multiplies bf16 weights fastest by widening them to float32,
-as cpu.grouped's GEMV kernel does). Median of `--repeat` runs after warm-up.
+as cpu.grouped's GEMV kernel does). The engines and the two peak measurements take turns,
+`--repeat` times after warm-up (the order reversed every turn), each call with cold caches:
+medians of each one's times, and the median of the per-turn ratios to transformers.
 
-    .venv/bin/python benchmarks/moe_layer.py [--repeat 7] [--out FILE]
+    .venv/bin/python benchmarks/moe_layer.py [--repeat 15] [--out FILE]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,20 +38,36 @@ from llmkit.bench import cpu_model
 D, HIDDEN, EXPERTS, TOP_K = 1024, 3584, 8, 2
 
 
-def _median_s(fn, repeat: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def _interleaved_s(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Seconds of `repeat` calls of each fn after two warm-up calls, the fns taking turns (the
+    order reversed every repetition), so that a drift of the machine's speed reaches all alike.
+    Each timed call starts with cold caches (a 256 MiB buffer read first), as a layer's weights
+    do in a model, whose other layers run in between: without it, part of a bfloat16 expert pair
+    (44 MB) stayed in the 32 MiB L3 from the call before, read at 148 against 72 GB/s."""
+    flush = torch.ones(peaks.COPY_BYTES // 4)
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeat):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            flush.sum()
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose GEMM gives `dtype`'s compute peak (module docstring)."""
+    if dtype == torch.float32 or peaks.torch_gemm_flops(dtype) >= peaks.torch_gemm_flops(torch.float32):
+        return dtype
+    return torch.float32
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--tokens", default="1,4,512")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe_layer.json")
     args = parser.parse_args()
@@ -59,7 +78,6 @@ def main() -> None:
     from llmkit import Block
     from llmkit.registry import default_registry
     from llmkit.testing import bind_reference
-    from llmkit_backend_cpu.backend import CpuBackend
 
     reg = default_registry()
     torch.manual_seed(0)
@@ -72,17 +90,9 @@ def main() -> None:
     gate_up = params["experts.gate_up_proj"]  # [E, 2 * hidden, d]: gate rows first, then up
     state = {"router": params["gate.weight"], "w_gate": gate_up[:, :HIDDEN], "w_up": gate_up[:, HIDDEN:],
              "w_down": params["experts.down_proj"]}
-    backend = CpuBackend()
-    peak32 = backend.peak("cpu", torch.float32)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         hf = hf32.to(dtype)
-        peak = backend.peak("cpu", dtype)
-        flops_per_s, peak_source = peak.flops_per_s, peak.source
-        if peak32.flops_per_s > flops_per_s:
-            flops_per_s = peak32.flops_per_s
-            peak_source = (f"{peak32.source}; float32's FLOP/s, as PyTorch's {str(dtype).removeprefix('torch.')} "
-                           f"GEMM is slower here ({peak.flops_per_s / 1e9:.1f} GFLOP/s)")
         blocks = {}
         for impl in ("cpu.grouped", "reference.eager"):
             block = Block(reg.kind("moe"), {"d_model": D, "n_experts": EXPERTS, "top_k": TOP_K, "hidden": HIDDEN},
@@ -91,28 +101,35 @@ def main() -> None:
             bind_reference(block)
             block.bind(reg.impl("moe@1", impl), reg.target("cpu", dtype=dtype))
             blocks[impl] = block
+        ours = blocks["cpu.grouped"]
+        gemm_dtype = _gemm_dtype(dtype)
+        a, b = (torch.randn(peaks.GEMM_N, peaks.GEMM_N).to(gemm_dtype) for _ in range(2))
         for n in [int(t) for t in args.tokens.split(",")]:
             x = torch.randn(1, n, D).to(dtype)
-            read_bytes_per_s = peaks.host_read_bandwidth()
-            bytes_per_s = max(peak.bytes_per_s, read_bytes_per_s)
             with torch.inference_mode():
-                ours = blocks["cpu.grouped"]
                 ours(x)
-                active = int((ours.routing.tokens_per_expert > 0).sum())
-                row = {"dtype": str(dtype).removeprefix("torch."), "tokens": n, "active_experts": active}
-                for name, fn in (("llmkit_cpu_grouped", lambda: ours(x)),
-                                 ("llmkit_reference", lambda: blocks["reference.eager"](x)),
-                                 ("transformers", lambda: hf(x))):
-                    row[name + "_ms"] = 1e3 * _median_s(fn, args.repeat)
-            weight_bytes = (active * 3 * D * HIDDEN + EXPERTS * D) * x.element_size()
+                experts = (ours.routing.tokens_per_expert > 0).nonzero().flatten().tolist()
+                weights = [ours.router] + [getattr(ours, w)[e] for e in experts for w in ("w_gate", "w_up", "w_down")]
+                times = _interleaved_s({"llmkit_cpu_grouped": lambda: ours(x),
+                                        "llmkit_reference": lambda: blocks["reference.eager"](x),
+                                        "transformers": lambda: hf(x),
+                                        "read": lambda: [w.view(torch.float32).sum() for w in weights],
+                                        "gemm": lambda: torch.mm(a, b)}, args.repeat)
+            ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
             flops = 2 * n * TOP_K * 3 * D * HIDDEN
-            roofline_s = max(weight_bytes / bytes_per_s, flops / flops_per_s)
-            row |= {"roofline_ms": 1e3 * roofline_s,
-                    "bound": "bandwidth" if weight_bytes / bytes_per_s > flops / flops_per_s else "flops",
-                    "copy_bytes_per_s": peak.bytes_per_s, "read_bytes_per_s": read_bytes_per_s,
-                    "fraction_of_roofline": 1e3 * roofline_s / row["llmkit_cpu_grouped_ms"],
-                    "vs_transformers": row["transformers_ms"] / row["llmkit_cpu_grouped_ms"],
-                    "peak_source": peak_source}
+            flops_per_s = 2 * peaks.GEMM_N**3 / (ms["gemm"] / 1e3)
+            read_bytes = sum(w.numel() * w.element_size() for w in weights)
+            bandwidth_ms, flops_ms = ms["read"], 1e3 * flops / flops_per_s
+            row = {"dtype": str(dtype).removeprefix("torch."), "tokens": n, "active_experts": len(experts),
+                   **{f"{name}_ms": ms[name] for name in ("llmkit_cpu_grouped", "llmkit_reference", "transformers")},
+                   "roofline_ms": max(bandwidth_ms, flops_ms),
+                   "bound": "bandwidth" if bandwidth_ms > flops_ms else "flops",
+                   "fraction_of_roofline": max(bandwidth_ms, flops_ms) / ms["llmkit_cpu_grouped"],
+                   "vs_transformers": statistics.median(t / o for t, o in zip(times["transformers"],
+                                                                              times["llmkit_cpu_grouped"])),
+                   "peaks": {"read_bytes": read_bytes, "read_ms": ms["read"],
+                             "read_bytes_per_s": 1e3 * read_bytes / ms["read"],
+                             "gemm_dtype": str(gemm_dtype).removeprefix("torch."), "flops_per_s": flops_per_s}}
             rows.append(row)
             print(f"{row['dtype']:8} {n:4} tok: cpu.grouped {row['llmkit_cpu_grouped_ms']:8.2f} ms, "
                   f"reference {row['llmkit_reference_ms']:8.2f} ms, transformers {row['transformers_ms']:8.2f} ms, "

@@ -48,14 +48,6 @@ def host_copy_bandwidth(nbytes: int = COPY_BYTES) -> float:
     return 2 * nbytes / best_seconds(lambda: dst.copy_(src))
 
 
-def host_read_bandwidth(nbytes: int = COPY_BYTES) -> float:
-    """Host memory bytes/s of reading one large buffer (a float32 sum, nothing written back): the
-    peak of a kernel that streams weights and writes little, such as a decode-time GEMV, which a
-    copy's figure need not bound (AVX-512 EPYC, one session: reads 81-87 GB/s, copies 46-82)."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)  # filled: see host_copy_bandwidth
-    return nbytes / best_seconds(lambda: src.sum())
-
-
 def describe(gemm: str, dtype: torch.dtype, n: int = GEMM_N, nbytes: int = COPY_BYTES) -> str:
     """The `Peak.source` text for figures from these helpers."""
     return (f"measured: best of {REPEAT} {gemm} {n}x{n}x{n} in {str(dtype).removeprefix('torch.')} "
