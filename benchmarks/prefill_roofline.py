@@ -1,7 +1,8 @@
 """SmolLM2-135M prefill against the float32 GEMM floor: how fast can any engine on PyTorch's GEMMs be?
 
 One process holds llmkit (`llmkit.load(smollm2-135m, dtype)`), transformers (the same GGUF
-through its own loader, same dtype) and, when installed, llama.cpp (the GGUF's own Q4_1). In
+through its own loader, in the same dtype unless --baseline-dtype names another: the issue's
+baseline is transformers in float32) and, when installed, llama.cpp (the GGUF's own Q4_1). In
 alternating rounds it times each engine's prefill of the same PROMPT_LEN tokens (the logits of
 the last position only, as a generate does) and, in the same rounds, the **GEMM floor**: the
 model's linears alone, `F.linear` of a [PROMPT_LEN, in] input by each of the 210 layer matrices
@@ -12,10 +13,11 @@ the linears, 4 T(T+1)/2 x head_dim x heads a layer for causal attention (QK^T an
 half not counted), 2 x d_model x vocab for the last position's logits.
 
 Reported per engine: prefill ms and tok/s (medians over rounds), achieved GFLOP/s, fraction of
-the GEMM peak, ratio against the floor; and what 2x transformers would take against the floor.
+the GEMM peak, ratio against the floor; what 2x transformers would take against the floor; and
+transformers' time over llmkit's per round (median, min, max).
 
-    .venv/bin/python benchmarks/prefill_roofline.py [--dtype float32] [--prompt-len 512]
-        [--rounds 8] [--threads 2] [--out FILE]
+    .venv/bin/python benchmarks/prefill_roofline.py [--dtype float32] [--baseline-dtype D]
+        [--prompt-len 512] [--rounds 8] [--threads 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def prefill_flops(model: llmkit.Model, matrices: list[torch.Tensor], t: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--baseline-dtype", help="transformers' dtype (default: --dtype)")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -76,7 +79,8 @@ def main() -> None:
             F.linear(x[w.shape[1]], w)
         return time.perf_counter() - start
 
-    hf = transformers_model(model.source, dtype)
+    baseline_dtype = args.baseline_dtype or args.dtype
+    hf = transformers_model(model.source, getattr(torch, baseline_dtype))
     engines = {"gemm floor": gemm_floor,
                "llmkit": lambda: llmkit_greedy(model, ids, 1)[0],
                "transformers": lambda: transformers_greedy(hf, ids, 1)[0]}
@@ -108,23 +112,28 @@ def main() -> None:
                          "gflop_s": round(work / s / 1e9, 1), "of_peak": round(work / s / peak, 3),
                          "vs_floor": round(s / floor, 3), "runs_ms": [round(1e3 * v, 1) for v in samples]}
     target = statistics.median(times["transformers"]) / 2
+    per_round = [t / o for t, o in zip(times["transformers"], times["llmkit"])]
     record = {
         "benchmark": "prefill_roofline", "source": SOURCE, "path": model.source,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
                     "torch": torch.__version__},
-        "workload": {"dtype": args.dtype, "prompt_len": args.prompt_len, "rounds": args.rounds,
+        "workload": {"dtype": args.dtype, "transformers_dtype": baseline_dtype, "prompt_len": args.prompt_len,
+                     "rounds": args.rounds,
                      "llamacpp": "the GGUF's own Q4_1 weights"},
         "flops": flops, "gemm_peak_gflop_s": round(peak / 1e9, 1), "peak_source": peaks.describe("torch.mm", dtype),
         "engines": figures,
         "two_x_transformers": {"ms": round(1e3 * target, 1), "vs_floor": round(target / floor, 3),
                                "gflop_s_needed": round(total / target / 1e9, 1)},
+        "llmkit_vs_transformers": {"median": round(statistics.median(per_round), 3),
+                                   "min": round(min(per_round), 3), "max": round(max(per_round), 3)},
     }
     for name, f in figures.items():
         print(f"{name:>12}: {f['ms']:7.1f} ms  {f['tok_s']:7.1f} tok/s  {f['gflop_s']:6.1f} GFLOP/s "
               f"({100 * f['of_peak']:.0f}% of the {record['gemm_peak_gflop_s']} GFLOP/s GEMM peak)  "
               f"{f['vs_floor']:.2f}x the floor")
-    print(f"2x transformers: {record['two_x_transformers']}")
+    print(f"2x transformers: {record['two_x_transformers']}; llmkit / transformers per round: "
+          f"{record['llmkit_vs_transformers']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, record)
     print(f"written to {args.out}")
