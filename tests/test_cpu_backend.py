@@ -212,11 +212,36 @@ def test_gemv_kernel_is_x_times_the_weights_in_float32(rows, k, n, dtype) -> Non
     assert ((got.double() - want).abs() <= bound + 1e-30).all()
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["vdpbf16ps", "widened"])
+@pytest.mark.parametrize("rows, k, n", [(1, 1, 1), (2, 31, 5), (3, 1024, 3584), (4, 3584, 1027), (5, 200, 9),
+                                         (1, 1050, 12)])
+def test_gemv_kernel_with_bfloat16_x_is_the_product_in_float32(rows, k, n, native) -> None:
+    """x and w both bfloat16: AVX512_BF16's vdpbf16ps where the CPU has it (steps of 128 and 32
+    channels, the scalar tail), else x widened and the float32-x path; float64 is the oracle."""
+    assert kernels.ready()
+    library = kernels._library()
+    if library.llmkit_gemv_native_bf16(int(native)) != native:
+        pytest.skip("this CPU has no AVX512_BF16")
+    try:
+        gen = torch.Generator().manual_seed(k + n)
+        w = (torch.randn(n, k, generator=gen) * torch.linspace(0.01, 3, n)[:, None]).bfloat16()
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        got = torch.ops.llmkit_cpu.gemv.default(x, w)
+    finally:
+        library.llmkit_gemv_native_bf16(1)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    want = x.double() @ w.double().T
+    bound = k * 2.0**-23 * (x.double().abs() @ w.double().abs().T)
+    assert ((got.double() - want).abs() <= bound + 1e-30).all()
+
+
 def test_gemv_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() -> None:
     assert kernels.ready()
     op = torch.ops.llmkit_cpu.gemv.default
     x, w = torch.randn(2, 16), torch.randn(8, 16)
-    with pytest.raises(RuntimeError, match="gemv: x must be a contiguous 2-d CPU float32 tensor"):
+    with pytest.raises(RuntimeError, match="gemv: x must be a contiguous 2-d CPU float32 or bfloat16 tensor"):
+        op(x.half(), w)
+    with pytest.raises(RuntimeError, match=r"gemv: w must be a contiguous 2-d CPU bfloat16 \(as x is\) tensor"):
         op(x.bfloat16(), w)
     with pytest.raises(RuntimeError, match="gemv: w must be a contiguous 2-d CPU float32 or bfloat16 tensor"):
         op(x, w.half())

@@ -13,7 +13,8 @@ GEMVs of cpu.grouped's experts at decode.
   multiplied by float32 activations; bound by the weights' bytes, which it streams at ~25 GB/s
   where fbgemm's fp16 GEMM reached ~15 (the 121 linears: 10.6 against 17.5 ms).
 - gemv (gemv.c): float32 or bfloat16 weights as stored (row-major, no packing) times a few float32
-  rows; an expert's matrices at ~29 GB/s where PyTorch's float32 GEMV reached ~15.
+  rows, or bfloat16 ones with bfloat16 weights (AVX512_BF16's vdpbf16ps where the CPU has it); an
+  expert's matrices at ~29 GB/s where PyTorch's float32 GEMV reached ~15 (AVX2 VM, first version).
 
 They are C (AVX2, FMA and F16C intrinsics, OpenMP over blocks of output rows); ops.cpp makes them
 the CPU kernels of the dispatcher ops `llmkit_cpu::linear_w4a8`, `llmkit_cpu::linear_f16` and
@@ -101,7 +102,7 @@ def _linear_fake(x: torch.Tensor, w: torch.Tensor, *scales: torch.Tensor) -> tor
 
 
 def _gemv_fake(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[0])
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
 
 def ready() -> bool:
@@ -119,9 +120,9 @@ def register_ops() -> torch.library.Library:
     float32) -> y [M, N] float32`, x rounded to int8 per block of 32 (`w4a8_tiles` gives w and s
     from quant.pack's values), and `llmkit_cpu::linear_f16(x [M, K] float32, w [N/8, K, 8]
     float16) -> y [M, N] float32` (`f16_tiles`), and `llmkit_cpu::gemv(x [M, K] float32, w [N, K]
-    float32 or bfloat16) -> y [M, N] float32` (any w as stored), and register their kernels. Done at
-    the first use, not at import: a fake impl imports torch's tracing machinery (~140 MiB of RSS),
-    which plugin discovery should not pay."""
+    float32 or bfloat16; or both bfloat16) -> y [M, N] float32` (any w as stored), and register
+    their kernels. Done at the first use, not at import: a fake impl imports torch's tracing
+    machinery (~140 MiB of RSS), which plugin discovery should not pay."""
     if why := unavailable("w4a8/fp16"):
         raise RuntimeError(why)
     if _library().llmkit_cpu_register():

@@ -10,9 +10,10 @@ routing weight, are added back with one `index_add_`. Inactive experts cost noth
 
 An expert with at most `GEMV_MAX_ROWS` tokens (decode) in float32 or bfloat16, outside autograd,
 multiplies by this plugin's GEMV kernel (gemv.c through `llmkit_cpu::gemv`: the weights as stored,
-float32 sums, the output rounded once to the block's dtype, as `F.linear` does) when the kernels
-can be built here (`kernels.ready`, checked at bind time), else by `F.linear`: same formula, the
-kernel streams the expert's weights about twice as fast (README, MoE layer). Larger bfloat16
+float32 sums, the output rounded once to the block's dtype, as `F.linear` does; a bfloat16
+block's activations go in as they are, for AVX512_BF16's vdpbf16ps where the CPU has it) when the
+kernels can be built here (`kernels.ready`, checked at bind time), else by `F.linear`: same
+formula, the kernel streams the expert's weights about twice as fast (README, MoE layer). Larger bfloat16
 slices (more than `quant.PACKED_MAX_ROWS` tokens) on a CPU without bf16 instructions are
 multiplied in float32 (`quant.WIDEN_BF16`).
 """
@@ -42,7 +43,8 @@ def prepare(block: Any, target: Any) -> None:
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    y = torch.ops.llmkit_cpu.gemv.default(x.float().contiguous(), w).to(x.dtype)
+    same = x.dtype == w.dtype == torch.bfloat16  # both bfloat16: the kernel's vdpbf16ps path where it has one
+    y = torch.ops.llmkit_cpu.gemv.default((x if same else x.float()).contiguous(), w).to(x.dtype)
     return y if b is None else y + b
 
 

@@ -10,7 +10,8 @@
 // linear_w4a8: x [M, K] float32, w [N/8, 4K] uint8 (tiles of 8 rows), s [N/8, K/32, 2, 8] float32
 // (per tile and group: the 8 rows' scales d, then minima m); formula and layout in w4a8.c.
 // linear_f16: x [M, K] float32, w [N/8, K, 8] float16 (tiles of 8 rows); layout in f16.c.
-// gemv: x [M, K] float32, w [N, K] float32 or bfloat16 (row-major, as stored); gemv.c.
+// gemv: x [M, K] float32, w [N, K] float32 or bfloat16 (row-major, as stored), or x and w both
+// bfloat16; gemv.c.
 // All operands contiguous CPU tensors; each returns y [M, N] float32 (N a multiple of 8 for the
 // first two).
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -25,6 +26,7 @@ extern "C" int llmkit_w4a8_linear(const float *x, int64_t M, int64_t K, const ui
 extern "C" void llmkit_f16_linear(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N8, float *y);
 extern "C" int llmkit_gemv_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y);
 extern "C" int llmkit_gemv_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y);
+extern "C" int llmkit_gemv_bf16x(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y);
 
 namespace {
 
@@ -128,11 +130,14 @@ void linear_f16(StableIValue *stack, uint64_t, uint64_t) {
 void gemv(StableIValue *stack, uint64_t, uint64_t) {
   const char *op = "gemv";
   const Owned x(stack[0]), w(stack[1]);
-  const int64_t *xs = expect(op, x, "x", aoti_torch_dtype_float32(), "float32", 2);
-  int32_t wtype;
+  int32_t xtype, wtype;
+  check(aoti_torch_get_dtype(x.handle, &xtype), op, "reading a dtype");
   check(aoti_torch_get_dtype(w.handle, &wtype), op, "reading a dtype");
-  const bool bf16 = wtype == aoti_torch_dtype_bfloat16();
-  const int64_t *ws = bf16 ? expect(op, w, "w", wtype, "bfloat16", 2)
+  const int32_t bfloat16 = aoti_torch_dtype_bfloat16();
+  const bool bf16x = xtype == bfloat16, bf16 = bf16x || wtype == bfloat16;
+  const int64_t *xs = bf16x ? expect(op, x, "x", xtype, "float32 or bfloat16", 2)
+                            : expect(op, x, "x", aoti_torch_dtype_float32(), "float32 or bfloat16", 2);
+  const int64_t *ws = bf16 ? expect(op, w, "w", bfloat16, bf16x ? "bfloat16 (as x is)" : "float32 or bfloat16", 2)
                            : expect(op, w, "w", aoti_torch_dtype_float32(), "float32 or bfloat16", 2);
   const int64_t M = xs[0], K = xs[1], N = ws[0];
   if (ws[1] != K)
@@ -140,11 +145,14 @@ void gemv(StableIValue *stack, uint64_t, uint64_t) {
                              ", w [" + std::to_string(ws[0]) + ", " + std::to_string(ws[1]) + "]");
   AtenTensorHandle y = output(op, M, N);
   finish(stack, y, [&] {
-    const float *xp = static_cast<const float *>(data(op, x.handle));
+    const void *xp = data(op, x.handle), *wp = data(op, w.handle);
     float *yp = static_cast<float *>(data(op, y));
-    if (bf16 ? llmkit_gemv_bf16(xp, M, K, static_cast<const uint16_t *>(data(op, w.handle)), N, yp)
-             : llmkit_gemv_f32(xp, M, K, static_cast<const float *>(data(op, w.handle)), N, yp))
-      throw std::bad_alloc();  // x's split copy
+    const auto *xf = static_cast<const float *>(xp);
+    const auto *xh = static_cast<const uint16_t *>(xp), *wh = static_cast<const uint16_t *>(wp);
+    if (bf16x ? llmkit_gemv_bf16x(xh, M, K, wh, N, yp)
+              : bf16 ? llmkit_gemv_bf16(xf, M, K, wh, N, yp)
+                     : llmkit_gemv_f32(xf, M, K, static_cast<const float *>(wp), N, yp))
+      throw std::bad_alloc();  // x's copy
   });
 }
 
