@@ -24,9 +24,9 @@
  * Both operands in bfloat16 (`llmkit_gemv_bf16x`: a bfloat16 model's activations, which widen
  * exactly): on a CPU with AVX512_BF16, one vdpbf16ps multiplies 32 pairs of x and W and adds them
  * to 16 float32 sums (products of two bfloat16 are exact in float32; denormal inputs and outputs
- * count as zero), three instructions per 64 bytes of weights where the widening above takes
- * seven; elsewhere x is widened and the path above runs. Dispatched at run time, as the library
- * is built for AVX2.
+ * count as zero): three instructions per 64 bytes of weights (two loads and the product) where
+ * the widening above takes fourteen; elsewhere x is widened and the path above runs. Dispatched at
+ * run time, as the library is built for AVX2.
  *
  * Built by llmkit_backend_cpu/kernels.py with the other kernels (-O3 -mavx2 -mfma -mf16c -fopenmp).
  */

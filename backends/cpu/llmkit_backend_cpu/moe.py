@@ -13,8 +13,8 @@ multiplies by this plugin's GEMV kernel (gemv.c through `llmkit_cpu::gemv`: the 
 float32 sums, the output rounded once to the block's dtype, as `F.linear` does; a bfloat16
 block's activations go in as they are, for AVX512_BF16's vdpbf16ps where the CPU has it) when the
 kernels can be built here (`kernels.ready`, checked at bind time), else by `F.linear`: same
-formula, the kernel streams the expert's weights about twice as fast (README, MoE layer). Larger bfloat16
-slices (more than `quant.PACKED_MAX_ROWS` tokens) on a CPU without bf16 instructions are
+formula, the kernel streams the expert's weights about twice as fast (README, MoE layer). Larger
+bfloat16 slices (more than `quant.PACKED_MAX_ROWS` tokens) on a CPU without bf16 instructions are
 multiplied in float32 (`quant.WIDEN_BF16`).
 """
 
