@@ -106,6 +106,10 @@ static inline __attribute__((always_inline)) void gemv(const float *x, const flo
         row(xs + r * K, x + r * K, 1, K, w + i * row_bytes, y + r * N + i, N, bf16);
 }
 
+/* The vdpbf16ps path needs a compiler that knows AVX512_BF16 (GCC 10, Clang 9); with an older one
+ * the library still builds, without it. */
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define HAVE_NATIVE_BF16 1
 #define NATIVE_BF16 __attribute__((target("avx512f,avx512bf16")))
 
 /* row with bfloat16 x: 128 channels a step into 4 accumulators per row of x, then whole blocks of
@@ -143,12 +147,19 @@ static NATIVE_BF16 void gemv_dp(const uint16_t *x, int64_t M, int64_t K, const u
         row_dp(x + r * K, 1, K, w + i * K, y + r * N + i, N);
 }
 
+#endif
+
 static int native_bf16 = -1; /* whether llmkit_gemv_bf16x uses vdpbf16ps; -1: not yet asked */
 
-/* Turns the vdpbf16ps path on (where the CPU has it) or off; returns whether it is on. For tests
- * of the other path on a CPU that has it. */
+/* Turns the vdpbf16ps path on (where the CPU has it and the compiler built it) or off; returns
+ * whether it is on. For tests of the other path on a CPU that has it. */
 int llmkit_gemv_native_bf16(int on) {
+#ifdef HAVE_NATIVE_BF16
   native_bf16 = on && __builtin_cpu_supports("avx512bf16");
+#else
+  (void)on;
+  native_bf16 = 0;
+#endif
   return native_bf16;
 }
 
@@ -172,10 +183,12 @@ int llmkit_gemv_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, in
  * x's float32 copy (without AVX512_BF16) cannot be allocated. */
 int llmkit_gemv_bf16x(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y) {
   if (native_bf16 < 0) llmkit_gemv_native_bf16(1);
+#ifdef HAVE_NATIVE_BF16
   if (native_bf16) {
     gemv_dp(x, M, K, w, N, y);
     return 0;
   }
+#endif
   float *wide = (float *)malloc(sizeof(float) * (size_t)(M * K > 0 ? M * K : 1));
   if (!wide) return 1;
   for (int64_t t = 0; t < M * K; ++t) wide[t] = load1(x, t, 1);
