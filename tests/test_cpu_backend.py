@@ -194,22 +194,27 @@ def test_moe_grouped(dtype, extra, tokens) -> None:
         torch.testing.assert_close(got, nv, rtol=2e-2, atol=2e-2)
 
 
+def _assert_float32_sums(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """got = x @ w^T as a float32 [M, N] with float32 sums: within K 2^-23 |x| |w|^T of float64."""
+    assert got.dtype == torch.float32 and got.shape == (x.shape[0], w.shape[0])
+    want = x.double() @ w.double().T
+    bound = x.shape[1] * 2.0**-23 * (x.double().abs() @ w.double().abs().T)
+    assert ((got.double() - want).abs() <= bound + 1e-30).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows, k, n", [(1, 1, 1), (2, 7, 5), (3, 1024, 3584), (4, 3584, 1027), (5, 48, 9),
                                          (1, 1050, 12), (2, 16, 4)])
 def test_gemv_kernel_is_x_times_the_weights_in_float32(rows, k, n, dtype) -> None:
     """`llmkit_cpu::gemv` against float64: the weights as stored (bfloat16 widened exactly), float32
-    sums (blocks of 4 rows and the scalar rest, rows of x in pairs and a single one, whole 64-byte
-    lines, bfloat16's split blocks of 16 channels and the scalar tail)."""
+    sums (rows of x in pairs and a single one, whole steps of 32 channels, bfloat16's split blocks
+    of 16 channels and the scalar tail)."""
     gen = torch.Generator().manual_seed(k + n)
     w = (torch.randn(n, k, generator=gen) * torch.linspace(0.01, 3, n)[:, None]).to(dtype)
     x = torch.randn(rows, k, generator=gen)
     assert kernels.ready()
     got = torch.ops.llmkit_cpu.gemv.default(x, w)
-    assert got.dtype == torch.float32 and got.shape == (rows, n)
-    want = x.double() @ w.double().T
-    bound = k * 2.0**-23 * (x.double().abs() @ w.double().abs().T)
-    assert ((got.double() - want).abs() <= bound + 1e-30).all()
+    _assert_float32_sums(got, x, w)
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["vdpbf16ps", "widened"])
@@ -229,10 +234,7 @@ def test_gemv_kernel_with_bfloat16_x_is_the_product_in_float32(rows, k, n, nativ
         got = torch.ops.llmkit_cpu.gemv.default(x, w)
     finally:
         library.llmkit_gemv_native_bf16(1)
-    assert got.dtype == torch.float32 and got.shape == (rows, n)
-    want = x.double() @ w.double().T
-    bound = k * 2.0**-23 * (x.double().abs() @ w.double().abs().T)
-    assert ((got.double() - want).abs() <= bound + 1e-30).all()
+    _assert_float32_sums(got, x, w)
 
 
 def test_gemv_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() -> None:
