@@ -27,6 +27,7 @@ from llmkit.registry import default_registry
 from llmkit.testing import bind_reference
 from llmkit_backend_cpu import attention as cpu_attention
 from llmkit_backend_cpu import kernels, quant
+from llmkit_backend_cpu import moe as cpu_moe
 
 REG = default_registry()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -178,15 +179,18 @@ def test_moe_grouped(dtype, extra, tokens) -> None:
             b.correction_bias.copy_(0.3 * torch.randn(8, generator=torch.Generator().manual_seed(9)))
     x = torch.randn(2, tokens, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
     exact, naive, under = blocks
-    # at 1 and 3 tokens a row (2 and 6 in all) the active experts' products are the GEMV kernel's
+    # at 1 token a row (2 in all) the layer is moe_decode's; at 3 (6 in all) the active experts'
+    # products are the GEMV kernel's
     assert under._cpu_gemv == (dtype in (torch.float32, torch.bfloat16))
     with torch.no_grad():
         got, nv = under(x), naive(x)
         ex = exact(x.double())
-    # the impl routes exactly as the naive reference in the same dtype (the same routing code)
-    assert torch.equal(under.routing.selected, naive.routing.selected)
-    assert torch.equal(under.routing.tokens_per_expert, naive.routing.tokens_per_expert)
-    assert under.routing.dropped == naive.routing.dropped
+    # the PyTorch path routes exactly as the naive reference in the same dtype (the same routing
+    # code); moe_decode routes in float32, here as float64 does
+    same = exact if under._cpu_gemv and tokens == 1 else naive
+    assert torch.equal(under.routing.selected, same.routing.selected)
+    assert torch.equal(under.routing.tokens_per_expert, same.routing.tokens_per_expert)
+    assert under.routing.dropped == same.routing.dropped
     if torch.equal(naive.routing.selected, exact.routing.selected):
         _check(got, nv, ex, dtype)
     else:  # a near-tie flipped a choice in low precision: compare with the naive baseline instead
@@ -251,6 +255,100 @@ def test_gemv_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() -> Non
         op(x, torch.randn(16, 8).T)
     with pytest.raises(RuntimeError, match=r"gemv: shapes x \[M, K\], w \[N, K\] expected, got K=16, w \[8, 12\]"):
         op(x, torch.randn(8, 12))
+
+
+MOE_DECODE = {"d_model": 40, "n_experts": 8, "top_k": 2, "hidden": 72}  # 40, 72: whole steps, split blocks, tails
+
+
+@pytest.mark.parametrize("path", ["float32", "bfloat16-vdpbf16ps", "bfloat16-widened"])
+@pytest.mark.parametrize("extra", [
+    {}, {"renormalize": "none", "activation": "gelu_tanh"},
+    {"scoring": "sigmoid", "correction_bias": True, "n_group": 4, "topk_group": 2, "routed_scaling": 2.5},
+    {"gated": False, "expert_bias": True, "activation": "relu"},
+    {"expert_bias": True, "activation": "gelu", "top_k": 3}, {"capacity_factor": 0.5},
+], ids=lambda e: ",".join(e) or "mixtral")
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+def test_moe_decode_kernel_is_the_layer_against_float64(path, extra, tokens, monkeypatch) -> None:
+    """A few tokens: the whole layer is one `llmkit_cpu::moe_decode` call, which routes as the
+    float64 reference (no near-ties here), with its weights and counts, and whose output passes the
+    precision rule; logits are float32 sums and scores their softmax or sigmoid."""
+    dtype = torch.float32 if path == "float32" else torch.bfloat16
+    library = kernels._library() if kernels.ready() else None
+    native = path.endswith("vdpbf16ps")
+    if dtype == torch.bfloat16 and library.llmkit_gemv_native_bf16(int(native)) != native:
+        pytest.skip("this CPU has no AVX512_BF16")
+    calls = []
+    monkeypatch.setattr(cpu_moe, "_decode", lambda *a: calls.append(1) or _decode(*a))
+    exact, naive, under = _blocks("moe", {**MOE_DECODE, **extra}, dtype, "grouped", seed=tokens)
+    if "correction_bias" in extra:
+        for b in (exact, naive, under):
+            b.correction_bias.copy_(0.3 * torch.randn(8, generator=torch.Generator().manual_seed(9)))
+    x = torch.randn(1, tokens, 40, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    try:
+        with torch.no_grad():
+            got, nv, ex = under(x), naive(x), exact(x.double())
+    finally:
+        library.llmkit_gemv_native_bf16(1)
+    assert calls == [1]
+    r, want = under.routing, exact.routing
+    assert torch.equal(r.selected, want.selected) and torch.equal(r.tokens_per_expert, want.tokens_per_expert)
+    assert r.dropped == want.dropped and (r.dropped > 0 or "capacity_factor" not in extra or tokens < 4)
+    torch.testing.assert_close(r.weights.double(), want.weights, rtol=1e-5, atol=1e-6)
+    _check(got, nv, ex, dtype)
+    logits, scores = _decode(under, x.reshape(-1, 40), None)[1:3]
+    _assert_float32_sums(logits, x.reshape(-1, 40), under.router)
+    want_scores = logits.double().softmax(-1) if "scoring" not in extra else logits.double().sigmoid()
+    torch.testing.assert_close(scores.double(), want_scores, rtol=1e-6, atol=1e-7)
+
+
+_decode = cpu_moe._decode
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_moe_decode_kernel_does_not_depend_on_the_thread_count(dtype) -> None:
+    """Each output value is summed by one thread in expert order: 1 and 2 threads agree bitwise."""
+    under = _blocks("moe", {**MOE_DECODE, "d_model": 1024, "hidden": 1000}, dtype, "grouped")[2]
+    x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(3)).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(_decode(under, x, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_moe_decode_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() -> None:
+    assert kernels.ready()
+    under = _blocks("moe", MOE_DECODE, torch.float32, "grouped")[2]
+    none = torch.empty(0)
+    x = torch.randn(2, 40)
+    args = [x, under.router, none, under.w_gate, under.w_up, under.w_down, none, none, none, 2, 0, 0, 0, 1, 1.0, -1, 0]
+
+    def call(**change: Any) -> None:
+        names = ["x", "router", "correction_bias", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "top_k",
+                 "scoring", "n_group", "topk_group", "renormalize", "routed_scaling", "capacity", "activation"]
+        torch.ops.llmkit_cpu.moe_decode.default(*[change.get(n, a) for n, a in zip(names, args)])
+
+    with pytest.raises(RuntimeError, match="moe_decode: x must be a contiguous 2-d CPU float32 or bfloat16 tensor"):
+        call(x=x.half())
+    with pytest.raises(RuntimeError, match=r"moe_decode: w_up must be a contiguous 3-d CPU bfloat16 \(as x is\)"):
+        call(x=x.bfloat16(), router=under.router.bfloat16(), w_gate=under.w_gate.bfloat16(),
+             w_down=under.w_down.bfloat16())
+    with pytest.raises(RuntimeError, match=r"moe_decode: w_down must have shape \[8, 40, 72\], got \[8, 72, 40\]"):
+        call(w_down=under.w_down.transpose(1, 2).contiguous())
+    with pytest.raises(RuntimeError, match=r"moe_decode: b_up must have shape \[8, 72\] \(or be empty: absent\)"):
+        call(b_up=torch.zeros(8, 40))
+    with pytest.raises(RuntimeError, match=r"moe_decode: correction_bias must be a contiguous 1-d CPU float32"):
+        call(correction_bias=torch.zeros(8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"moe_decode: options out of range: top_k 9 \(1..8\)"):
+        call(top_k=9)
+    with pytest.raises(RuntimeError, match=r"n_group 3 / topk_group 1 \(0 / 0, or groups of >= 2 experts\)"):
+        call(n_group=3, topk_group=1)
+    with pytest.raises(RuntimeError, match=r"activation 4 \(0 silu, 1 gelu, 2 gelu_tanh, 3 relu\)"):
+        call(activation=4)
 
 
 def test_moe_grouped_takes_pytorch_gemms_where_the_kernels_cannot_be_built(monkeypatch) -> None:

@@ -1,5 +1,5 @@
 """This plugin's own C kernels: packed linears for `quant="w4a8"` and `quant="fp16"`, and the
-GEMVs of cpu.grouped's experts at decode.
+GEMVs of cpu.grouped's experts and its whole layer at decode.
 
 - w4a8 (w4a8.c): int4 weights times int8 activations. PyTorch's weight-only int4 kernel
   (`_weight_int4pack_mm_for_cpu`) converts every weight to float before it multiplies; on AVX2 that
@@ -15,10 +15,13 @@ GEMVs of cpu.grouped's experts at decode.
 - gemv (gemv.c): float32 or bfloat16 weights as stored (row-major, no packing) times a few float32
   rows, or bfloat16 ones with bfloat16 weights (AVX512_BF16's vdpbf16ps where the CPU has it); an
   expert's matrices at ~29 GB/s where PyTorch's float32 GEMV reached ~15 (AVX2 VM, first version).
+- moe_decode (moe.c): a whole moe@1 layer (routing, the active experts with gemv's row kernels,
+  the weighted sum) for a few tokens in one call, where PyTorch operations on cold caches cost as
+  much as the weights' distance to the roofline.
 
 They are C (AVX2, FMA and F16C intrinsics, OpenMP over blocks of output rows); ops.cpp makes them
-the CPU kernels of the dispatcher ops `llmkit_cpu::linear_w4a8`, `llmkit_cpu::linear_f16` and
-`llmkit_cpu::gemv` through libtorch's stable C API, so that eager calls and compiled decode steps
+the CPU kernels of the dispatcher ops `llmkit_cpu::linear_w4a8`, `llmkit_cpu::linear_f16`,
+`llmkit_cpu::gemv` and `llmkit_cpu::moe_decode` through libtorch's stable C API, so that eager calls and compiled decode steps
 reach them without passing through Python (the schemas and the fake impls, which give inductor the
 output shape, are defined here). The sources are compiled together with the C++ compiler (`$CXX`,
 default `c++`) at the first use, against the running torch's headers and libtorch_cpu, and cached
@@ -39,7 +42,8 @@ from typing import Any
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("w4a8.c", "f16.c", "gemv.c", "ops.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("w4a8.c", "f16.c", "gemv.c", "moe.c", "ops.cpp"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("gemv.h", "moe.h"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -75,7 +79,7 @@ def _library() -> Any:
     # "-x c" before each C source: g++ compiled a second .c file after one "-x c" as C++
     c_sources = [arg for source in SOURCES[:-1] for arg in ("-x", "c", str(source))]
     command = [exe, *FLAGS, "-I", str(root / "include"), *c_sources, "-x", "c++", str(SOURCES[-1]), *link]
-    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in SOURCES), " ".join(command).encode(),
+    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in (*SOURCES, *HEADERS)), " ".join(command).encode(),
                                      torch.__version__.encode()])).hexdigest()[:16]
     path = cache_dir() / f"kernels-{key}.so"
     if not path.exists():
@@ -105,6 +109,23 @@ def _gemv_fake(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
 
+def _moe_decode_fake(x: torch.Tensor, router: torch.Tensor, correction_bias: torch.Tensor, w_gate: torch.Tensor,
+                     w_up: torch.Tensor, w_down: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor,
+                     b_down: torch.Tensor, top_k: int, *options: float) -> tuple[torch.Tensor, ...]:
+    n, e = x.shape[0], router.shape[0]
+    scores = [x.new_empty(n, e, dtype=torch.float32) for _ in range(2)]
+    return (x.new_empty(x.shape), *scores, x.new_empty(n, top_k, dtype=torch.int64),
+            x.new_empty(n, top_k, dtype=torch.float32), x.new_empty(e, dtype=torch.int64))
+
+
+MOE_DECODE_SCHEMA = (
+    "moe_decode(Tensor x, Tensor router, Tensor correction_bias, Tensor w_gate, Tensor w_up, Tensor w_down, "
+    "Tensor b_gate, Tensor b_up, Tensor b_down, int top_k, int scoring, int n_group, int topk_group, "
+    "int renormalize, float routed_scaling, int capacity, int activation) "
+    "-> (Tensor out, Tensor logits, Tensor scores, Tensor selected, Tensor weights, Tensor counts)"
+)
+
+
 def ready() -> bool:
     """Whether the kernels can run here (built and registered, building them if need be): for
     callers with a PyTorch path of their own to take otherwise (cpu.grouped's GEMVs)."""
@@ -120,8 +141,9 @@ def register_ops() -> torch.library.Library:
     float32) -> y [M, N] float32`, x rounded to int8 per block of 32 (`w4a8_tiles` gives w and s
     from quant.pack's values), and `llmkit_cpu::linear_f16(x [M, K] float32, w [N/8, K, 8]
     float16) -> y [M, N] float32` (`f16_tiles`), and `llmkit_cpu::gemv(x [M, K] float32, w [N, K]
-    float32 or bfloat16; or both bfloat16) -> y [M, N] float32` (any w as stored), and register
-    their kernels. Done at the first use, not at import: a fake impl imports torch's tracing
+    float32 or bfloat16; or both bfloat16) -> y [M, N] float32` (any w as stored), and
+    `llmkit_cpu::moe_decode` (`MOE_DECODE_SCHEMA`; operands in ops.cpp, formula in moe.c), and
+    register their kernels. Done at the first use, not at import: a fake impl imports torch's tracing
     machinery (~140 MiB of RSS), which plugin discovery should not pay."""
     if why := unavailable("w4a8/fp16"):
         raise RuntimeError(why)
@@ -131,9 +153,11 @@ def register_ops() -> torch.library.Library:
     lib.define("linear_w4a8(Tensor x, Tensor w, Tensor s) -> Tensor")
     lib.define("linear_f16(Tensor x, Tensor w) -> Tensor")
     lib.define("gemv(Tensor x, Tensor w) -> Tensor")
+    lib.define(MOE_DECODE_SCHEMA)
     for name in ("linear_w4a8", "linear_f16"):
         torch.library.register_fake(f"llmkit_cpu::{name}", _linear_fake, lib=lib)
     torch.library.register_fake("llmkit_cpu::gemv", _gemv_fake, lib=lib)
+    torch.library.register_fake("llmkit_cpu::moe_decode", _moe_decode_fake, lib=lib)
     return lib
 
 

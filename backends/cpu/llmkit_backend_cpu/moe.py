@@ -8,12 +8,18 @@ tokens, as the reference does). Each active expert runs act(x Wg^T) * (x Wu^T) W
 only — a handful of tokens at decode, a large GEMM at prefill — and the rows, weighted by their
 routing weight, are added back with one `index_add_`. Inactive experts cost nothing.
 
-An expert with at most `GEMV_MAX_ROWS` tokens (decode) in float32 or bfloat16, outside autograd,
-multiplies by this plugin's GEMV kernel (gemv.c through `llmkit_cpu::gemv`: the weights as stored,
-float32 sums, the output rounded once to the block's dtype, as `F.linear` does; a bfloat16
-block's activations go in as they are, for AVX512_BF16's vdpbf16ps where the CPU has it) when the
-kernels can be built here (`kernels.ready`, checked at bind time), else by `F.linear`: same
-formula, the kernel streams the expert's weights about twice as fast (README, MoE layer). Larger
+A call of at most `GEMV_MAX_ROWS` tokens (decode) in float32 or bfloat16, outside autograd and
+without training's router jitter, is one call of this plugin's `llmkit_cpu::moe_decode` (moe.c):
+routing, experts and the weighted sum in one C kernel, every product and sum in float32 (the
+reference rounds the router's logits, each product and the routing weights to a bfloat16 layer's
+dtype; the kernel is closer to float64, and a near-tie may route otherwise). Run as PyTorch
+operations, the routing, sorting and scatter cost as much as the kernels' distance to the memory
+roofline (README, MoE layer). Otherwise an expert with at most `GEMV_MAX_ROWS` tokens multiplies
+by this plugin's GEMV kernel (gemv.c through `llmkit_cpu::gemv`: the weights as stored, float32
+sums, the output rounded once to the block's dtype, as `F.linear` does; a bfloat16 block's
+activations go in as they are, for AVX512_BF16's vdpbf16ps where the CPU has it) when the kernels
+can be built here (`kernels.ready`, checked at bind time), else by `F.linear`: same formula, the
+kernel streams the expert's weights about twice as fast (README, MoE layer). Larger
 bfloat16 slices (more than `quant.PACKED_MAX_ROWS` tokens) on a CPU without bf16 instructions are
 multiplied in float32 (`quant.WIDEN_BF16`).
 """
@@ -35,6 +41,9 @@ GEMV_MAX_ROWS = 4
 """Up to this many tokens an expert's products are GEMVs (each weight read once, the rows reuse it
 from cache); beyond, PyTorch's GEMM."""
 _GEMV_DTYPES = (torch.float32, torch.bfloat16)
+_ABSENT = torch.empty(0)  # moe_decode's absent operand
+_SCORING = {"softmax": 0, "sigmoid": 1}
+_ACTIVATION = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
 def prepare(block: Any, target: Any) -> None:
@@ -60,19 +69,30 @@ def _expert(lin: Callable[..., torch.Tensor], block: Any, e: int, x: torch.Tenso
     return lin(h, block.w_down[e], block.b_down[e] if bias else None)
 
 
-def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
+def _decode(block: Any, h: torch.Tensor, capacity: int | None) -> tuple[torch.Tensor, ...]:
+    """moe_decode's (out, logits, scores, selected, weights, counts) for the tokens h [n, d]."""
     c = block.config
-    h = x.reshape(-1, c.d_model)
-    n = h.shape[0]
+    bias = c.expert_bias
+    return torch.ops.llmkit_cpu.moe_decode.default(
+        h.contiguous(), block.router, block.correction_bias if c.correction_bias else _ABSENT,
+        block.w_gate if c.gated else _ABSENT, block.w_up, block.w_down,
+        block.b_gate if bias and c.gated else _ABSENT, block.b_up if bias else _ABSENT,
+        block.b_down if bias else _ABSENT, c.top_k, _SCORING[c.scoring], c.n_group or 0, c.topk_group or 0,
+        int(c.renormalize == "sum"), c.routed_scaling, -1 if capacity is None else capacity,
+        _ACTIVATION[c.activation])
+
+
+def _grouped(block: Any, h: torch.Tensor, capacity: int | None, gemv: bool) -> tuple[torch.Tensor, ...]:
+    """The module docstring's grouping with PyTorch operations: (out, logits, scores, selected,
+    weights, counts)."""
+    c = block.config
     logits, scores, selected, weights = _moe.route(block, h)
     flat = selected.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=c.n_experts)
-    capacity = None if c.capacity_factor is None else math.ceil(c.capacity_factor * n * c.top_k / c.n_experts)
     token = order // c.top_k
-    mix = weights.reshape(-1)[order].to(x.dtype)[:, None]
+    mix = weights.reshape(-1)[order].to(h.dtype)[:, None]
     out = torch.zeros_like(h)
-    gemv = block.__dict__.get("_cpu_gemv", False) and h.dtype in _GEMV_DTYPES and not torch.is_grad_enabled()
     wide = quant.WIDEN_BF16 and h.dtype == torch.bfloat16
     start = 0
     for e, count in enumerate(counts.tolist()):
@@ -90,6 +110,20 @@ def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
             y = _moe.expert(block, e, rows_in)
         out.index_add_(0, rows, y * mix[start:keep])
         start = end
+    return out, logits, scores, selected, weights, counts
+
+
+def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
+    c = block.config
+    h = x.reshape(-1, c.d_model)
+    n = h.shape[0]
+    capacity = None if c.capacity_factor is None else math.ceil(c.capacity_factor * n * c.top_k / c.n_experts)
+    gemv = block.__dict__.get("_cpu_gemv", False) and h.dtype in _GEMV_DTYPES and not torch.is_grad_enabled()
+    jitter = block.training and c.jitter > 0  # route's noise on the router's input
+    if gemv and 0 < n <= GEMV_MAX_ROWS and not jitter and h.dtype == block.router.dtype:
+        out, logits, scores, selected, weights, counts = _decode(block, h, capacity)
+    else:
+        out, logits, scores, selected, weights, counts = _grouped(block, h, capacity, gemv)
     out = _moe.add_shared(block, h, out)
     _moe.record_routing(block, x, logits, scores, selected, weights, capacity, counts)
     return out.reshape(x.shape)

@@ -1,5 +1,6 @@
 // The dispatcher kernels of `llmkit_cpu::linear_w4a8(Tensor x, Tensor w, Tensor s) -> Tensor`,
-// `llmkit_cpu::linear_f16(Tensor x, Tensor w) -> Tensor` and `llmkit_cpu::gemv(Tensor x, Tensor w) -> Tensor`.
+// `llmkit_cpu::linear_f16(Tensor x, Tensor w) -> Tensor`, `llmkit_cpu::gemv(Tensor x, Tensor w) -> Tensor`
+// and `llmkit_cpu::moe_decode(...) -> (Tensor, ...)` (the schemas in kernels.py).
 //
 // Registered from C++ through libtorch's stable C API (the shim of
 // torch/csrc/inductor/aoti_torch/c/shim.h): a call from Python, or from a compiled decode step's
@@ -14,9 +15,15 @@
 // bfloat16; gemv.c.
 // All operands contiguous CPU tensors; each returns y [M, N] float32 (N a multiple of 8 for the
 // first two).
+// moe_decode: a moe@1 layer for a few tokens x [n, d] float32 or bfloat16, its parameters in x's
+// dtype (the correction bias float32), an absent one (w_gate, the biases) as an empty tensor; returns
+// out [n, d] in x's dtype, logits and scores [n, e] float32, selected [n, k] int64, weights [n, k]
+// float32 and counts [e] int64; moe.c.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 
 #include <cstdint>
+#include <cstring>
+#include <initializer_list>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -27,6 +34,8 @@ extern "C" void llmkit_f16_linear(const float *x, int64_t M, int64_t K, const ui
 extern "C" int llmkit_gemv_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y);
 extern "C" int llmkit_gemv_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y);
 extern "C" int llmkit_gemv_bf16x(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y);
+
+#include "moe.h"
 
 namespace {
 
@@ -67,13 +76,19 @@ void *data(const char *op, AtenTensorHandle t) {
   return ptr;
 }
 
+// A new contiguous CPU tensor of the given sizes (rank 1 or 2) and dtype (an op's output).
+AtenTensorHandle empty(const char *op, int64_t rank, const int64_t *sizes, int32_t dtype) {
+  const int64_t strides[2] = {rank == 2 ? sizes[1] : 1, 1};
+  AtenTensorHandle y;
+  check(aoti_torch_empty_strided(rank, sizes, strides, dtype, aoti_torch_device_type_cpu(), 0, &y), op,
+        "allocating an output");
+  return y;
+}
+
 // A new [M, N] float32 CPU tensor (the op's output).
 AtenTensorHandle output(const char *op, int64_t M, int64_t N) {
-  const int64_t sizes[2] = {M, N}, strides[2] = {N, 1};
-  AtenTensorHandle y;
-  check(aoti_torch_empty_strided(2, sizes, strides, aoti_torch_dtype_float32(), aoti_torch_device_type_cpu(), 0, &y),
-        op, "allocating the output");
-  return y;
+  const int64_t sizes[2] = {M, N};
+  return empty(op, 2, sizes, aoti_torch_dtype_float32());
 }
 
 // Runs `kernel` into the op's new output y, then hands y to the dispatcher; y is freed if it throws.
@@ -156,6 +171,113 @@ void gemv(StableIValue *stack, uint64_t, uint64_t) {
   });
 }
 
+int64_t numel(const char *op, const Owned &t) {
+  int64_t n;
+  check(aoti_torch_get_numel(t.handle, &n), op, "reading a size");
+  return n;
+}
+
+// A scalar argument (an int arrives as int64, a float as double, in the stack slot's bytes).
+template <class T>
+T scalar(StableIValue value) {
+  T v;
+  std::memcpy(&v, &value, sizeof v);
+  return v;
+}
+
+// t's data if it has the expected sizes, else a precise error; an empty t is absent (nullptr) where
+// `optional`.
+const void *operand(const char *op, const Owned &t, const char *name, int32_t dtype, const char *dtype_name,
+                    std::initializer_list<int64_t> sizes, bool optional = false) {
+  if (optional && numel(op, t) == 0) return nullptr;
+  const int64_t *got = expect(op, t, name, dtype, dtype_name, static_cast<int64_t>(sizes.size()));
+  std::string want, have;
+  bool same = true;
+  int64_t i = 0;
+  for (int64_t size : sizes) {
+    want += (i ? ", " : "") + std::to_string(size);
+    have += (i ? ", " : "") + std::to_string(got[i]);
+    same = same && got[i] == size;
+    ++i;
+  }
+  if (!same)
+    throw std::runtime_error(std::string("llmkit_cpu::") + op + ": " + name + " must have shape [" + want + "]" +
+                             (optional ? " (or be empty: absent)" : "") + ", got [" + have + "]");
+  return data(op, t.handle);
+}
+
+void moe_decode(StableIValue *stack, uint64_t, uint64_t) {
+  const char *op = "moe_decode";
+  const Owned x(stack[0]), router(stack[1]), bias(stack[2]), w_gate(stack[3]), w_up(stack[4]), w_down(stack[5]),
+      b_gate(stack[6]), b_up(stack[7]), b_down(stack[8]);
+  llmkit_moe m{};
+  m.k = scalar<int64_t>(stack[9]);
+  const int64_t scoring = scalar<int64_t>(stack[10]), renormalize = scalar<int64_t>(stack[13]),
+                activation = scalar<int64_t>(stack[16]);
+  m.n_group = scalar<int64_t>(stack[11]);
+  m.topk_group = scalar<int64_t>(stack[12]);
+  m.routed_scaling = static_cast<float>(scalar<double>(stack[14]));
+  m.capacity = scalar<int64_t>(stack[15]);
+  int32_t xtype;
+  check(aoti_torch_get_dtype(x.handle, &xtype), op, "reading a dtype");
+  m.bf16 = xtype == aoti_torch_dtype_bfloat16();
+  const int32_t dtype = m.bf16 ? xtype : aoti_torch_dtype_float32();
+  const char *dtype_name = m.bf16 ? "bfloat16 (as x is)" : "float32 (as x is)";
+  const int64_t *xs = expect(op, x, "x", dtype, "float32 or bfloat16", 2);
+  m.n = xs[0];
+  m.d = xs[1];
+  m.e = expect(op, router, "router", dtype, dtype_name, 2)[0];
+  m.f = expect(op, w_up, "w_up", dtype, dtype_name, 3)[1];
+  const int64_t n = m.n, d = m.d, f = m.f, e = m.e, k = m.k;
+  m.x = data(op, x.handle);
+  m.router = operand(op, router, "router", dtype, dtype_name, {e, d});
+  m.correction_bias = static_cast<const float *>(
+      operand(op, bias, "correction_bias", aoti_torch_dtype_float32(), "float32", {e}, true));
+  m.w_gate = operand(op, w_gate, "w_gate", dtype, dtype_name, {e, f, d}, true);
+  m.w_up = operand(op, w_up, "w_up", dtype, dtype_name, {e, f, d});
+  m.w_down = operand(op, w_down, "w_down", dtype, dtype_name, {e, d, f});
+  m.b_gate = operand(op, b_gate, "b_gate", dtype, dtype_name, {e, f}, true);
+  m.b_up = operand(op, b_up, "b_up", dtype, dtype_name, {e, f}, true);
+  m.b_down = operand(op, b_down, "b_down", dtype, dtype_name, {e, d}, true);
+  const bool groups_ok = m.n_group == 0 ? m.topk_group == 0
+                                        : m.n_group > 0 && e % m.n_group == 0 && e / m.n_group >= 2 &&
+                                              m.topk_group >= 1 && m.topk_group <= m.n_group;
+  if (k < 1 || k > e || scoring < 0 || scoring > 1 || renormalize < 0 || renormalize > 1 || activation < 0 ||
+      activation > 3 || m.capacity < -1 || !groups_ok)
+    throw std::runtime_error("llmkit_cpu::moe_decode: options out of range: top_k " + std::to_string(k) + " (1.." +
+                             std::to_string(e) + "), scoring " + std::to_string(scoring) +
+                             " (0 softmax, 1 sigmoid), n_group " + std::to_string(m.n_group) + " / topk_group " +
+                             std::to_string(m.topk_group) + " (0 / 0, or groups of >= 2 experts), renormalize " +
+                             std::to_string(renormalize) + " (0, 1), capacity " + std::to_string(m.capacity) +
+                             " (-1: none), activation " + std::to_string(activation) +
+                             " (0 silu, 1 gelu, 2 gelu_tanh, 3 relu)");
+  m.scoring = static_cast<int>(scoring);
+  m.renormalize = static_cast<int>(renormalize);
+  m.activation = static_cast<int>(activation);
+  const int64_t nd[2] = {n, d}, ne[2] = {n, e}, nk[2] = {n, k}, ee[1] = {e};
+  AtenTensorHandle outs[6] = {};
+  try {
+    outs[0] = empty(op, 2, nd, dtype);
+    outs[1] = empty(op, 2, ne, aoti_torch_dtype_float32());
+    outs[2] = empty(op, 2, ne, aoti_torch_dtype_float32());
+    outs[3] = empty(op, 2, nk, aoti_torch_dtype_int64());
+    outs[4] = empty(op, 2, nk, aoti_torch_dtype_float32());
+    outs[5] = empty(op, 1, ee, aoti_torch_dtype_int64());
+    m.out = data(op, outs[0]);
+    m.logits = static_cast<float *>(data(op, outs[1]));
+    m.scores = static_cast<float *>(data(op, outs[2]));
+    m.selected = static_cast<int64_t *>(data(op, outs[3]));
+    m.weights = static_cast<float *>(data(op, outs[4]));
+    m.counts = static_cast<int64_t *>(data(op, outs[5]));
+    if (llmkit_moe_decode(&m)) throw std::bad_alloc();  // its scratch memory
+  } catch (...) {
+    for (AtenTensorHandle t : outs)
+      if (t) aoti_torch_delete_tensor_object(t);
+    throw;
+  }
+  for (int i = 0; i < 6; ++i) stack[i] = reinterpret_cast<StableIValue>(outs[i]);
+}
+
 }  // namespace
 
 // Registers the CPU kernels (once: kernels.py calls it after loading the library). 0 on success.
@@ -164,5 +286,6 @@ extern "C" int llmkit_cpu_register(void) {
   if (aoti_torch_library_init_impl("llmkit_cpu", "CPU", __FILE__, __LINE__, &lib) != AOTI_TORCH_SUCCESS) return -1;
   if (aoti_torch_library_impl(lib, "linear_w4a8", linear_w4a8) != AOTI_TORCH_SUCCESS) return -1;
   if (aoti_torch_library_impl(lib, "linear_f16", linear_f16) != AOTI_TORCH_SUCCESS) return -1;
-  return aoti_torch_library_impl(lib, "gemv", gemv) == AOTI_TORCH_SUCCESS ? 0 : -1;
+  if (aoti_torch_library_impl(lib, "gemv", gemv) != AOTI_TORCH_SUCCESS) return -1;
+  return aoti_torch_library_impl(lib, "moe_decode", moe_decode) == AOTI_TORCH_SUCCESS ? 0 : -1;
 }

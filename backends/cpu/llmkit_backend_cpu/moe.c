@@ -1,0 +1,227 @@
+/* moe_decode: a whole moe@1 layer (llmkit_blocks/moe.py's formula, less the shared expert) for a
+ * few tokens in one call: routing, every active expert and the weighted sum, for cpu.grouped at
+ * decode.
+ *
+ * Why one call: at one token the layer must read two experts' weights, which a GEMV streams at the
+ * memory's speed (gemv.c), and the rest is small operations. Run as PyTorch operations, with the
+ * caches cold as a layer in a model finds them (the other layers ran in between), that rest cost
+ * as much as the GEMVs' distance to the roofline: in the Mixtral-proportioned layer of
+ * benchmarks/moe_layer.py (AVX-512 EPYC, 2 threads), the routing alone took 0.11 ms in float32
+ * and 0.21 ms in bfloat16, and the layer 0.35-0.6 ms more than its six GEMVs (README, MoE layer).
+ *
+ * Formula (as the catalogue's, in float32):
+ *   logits = x W_r^T; scores = softmax(logits) | sigmoid(logits); choice = scores + correction bias,
+ *   groups outside the topk_group best (each scored by its two best choices) set to -inf;
+ *   selected = the top_k choices, largest first (ties: the lower expert); weights = scores[selected],
+ *   / their sum if renormalised, * routed_scaling; each expert serves its first `capacity`
+ *   (token, slot) assignments in token order;
+ *   out[t] = sum over t's served assignments, in expert order, of
+ *            weight * (W_down[e] (act(W_gate[e] x + b_gate[e]) * (W_up[e] x + b_up[e])) + b_down[e])
+ *   (ungated: act(W_up[e] x + b_up[e])).
+ * Every product and sum is float32, rounded once to bfloat16 at the end for a bfloat16 layer, where
+ * the catalogue's reference rounds the logits, each product and the routing weights to bfloat16
+ * (the precision rule compares both with float64; a near-tie may route differently). With bfloat16
+ * weights on a CPU with AVX512_BF16 the hidden activations are rounded to bfloat16 for vdpbf16ps.
+ *
+ * One OpenMP region, three phases split by barriers: the router's rows over the threads; the
+ * routing (one thread: n * e values); then every active expert's gate and up rows, each thread one
+ * contiguous range of hidden rows (blocks of 16) in every expert, with the activation applied to
+ * its own range; then the down rows, each thread a range of output channels, summing the
+ * assignments in expert order into them, so no two threads write the same value and the result
+ * does not depend on the thread count. The products are gemv.h's row kernels.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "gemv.h"
+#include "moe.h"
+
+/* How rows of activations meet a matrix: float32 both; bfloat16 W with float32 rows (x widened,
+ * and split as load16 reads it); bfloat16 both through vdpbf16ps. */
+enum { F32, WIDE, DP };
+
+typedef struct {
+  const float *x, *xs;
+  const uint16_t *xb;
+} act_rows;
+
+/* y[j * ldy + i] = rows i in [lo, hi) of w [., K] times the X rows of a. */
+static void product(int kind, act_rows a, int64_t X, int64_t K, const void *w, int64_t lo, int64_t hi, float *y,
+                    int64_t ldy) {
+  if (kind == F32)
+    rows(a.x, a.x, X, K, w, lo, hi, y, ldy, 0);
+  else if (kind == WIDE)
+    rows(a.x, a.xs, X, K, w, lo, hi, y, ldy, 1);
+#ifdef HAVE_NATIVE_BF16
+  else
+    llmkit_rows_dp(a.xb, X, K, (const uint16_t *)w, lo, hi, y, ldy);
+#endif
+}
+
+/* mlp@1's activations (blocks/mlp.py): silu x sigmoid(x), gelu with erf, gelu's tanh form, relu. */
+static inline float activate(int activation, float v) {
+  switch (activation) {
+    case 0: return v / (1.0f + expf(-v));
+    case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case 2: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v < 0.0f ? 0.0f : v;
+  }
+}
+
+/* The index of the largest of v[0..n) not yet taken (the lower on ties), marked taken. */
+static int64_t take_max(const float *v, int64_t n, char *taken) {
+  int64_t best = -1;
+  for (int64_t i = 0; i < n; ++i)
+    if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+  taken[best] = 1;
+  return best;
+}
+
+/* Token t's scores, choices, top_k and weights (module docstring); choice [e], group [n_group] and
+ * taken [e] are scratch. */
+static void route(const llmkit_moe *m, int64_t t, float *choice, float *group, char *taken) {
+  const int64_t E = m->e, k = m->k;
+  const float *l = m->logits + t * E;
+  float *s = m->scores + t * E, *w = m->weights + t * k;
+  int64_t *sel = m->selected + t * k;
+  if (m->scoring == 0) {
+    float top = -INFINITY, sum = 0.0f;
+    for (int64_t e = 0; e < E; ++e) top = fmaxf(top, l[e]);
+    for (int64_t e = 0; e < E; ++e) sum += s[e] = expf(l[e] - top);
+    for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+  } else {
+    for (int64_t e = 0; e < E; ++e) s[e] = 1.0f / (1.0f + expf(-l[e]));
+  }
+  for (int64_t e = 0; e < E; ++e) choice[e] = s[e] + (m->correction_bias ? m->correction_bias[e] : 0.0f);
+  if (m->n_group) {
+    const int64_t per = E / m->n_group;
+    for (int64_t g = 0; g < m->n_group; ++g) {
+      float first = -INFINITY, second = -INFINITY;
+      for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+        if (choice[e] > first) {
+          second = first;
+          first = choice[e];
+        } else if (choice[e] > second) {
+          second = choice[e];
+        }
+      }
+      group[g] = first + second;
+      taken[g] = 0;
+    }
+    for (int64_t j = 0; j < m->topk_group; ++j) take_max(group, m->n_group, taken);
+    for (int64_t e = 0; e < E; ++e)
+      if (!taken[e / per]) choice[e] = -INFINITY;
+  }
+  for (int64_t e = 0; e < E; ++e) taken[e] = 0;
+  float sum = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    sel[j] = take_max(choice, E, taken);
+    sum += w[j] = s[sel[j]];
+    m->counts[sel[j]] += 1;
+  }
+  for (int64_t j = 0; j < k; ++j) w[j] = (m->renormalize ? w[j] / sum : w[j]) * m->routed_scaling;
+}
+
+int llmkit_moe_decode(const llmkit_moe *m) {
+  const int64_t n = m->n, D = m->d, F = m->f, E = m->e, k = m->k, A = n * k;
+  const int kind = !m->bf16 ? F32 : llmkit_native_bf16() ? DP : WIDE;
+  const size_t es = m->bf16 ? 2 : 4;
+  /* scratch: assignments (expert, token) [A] x 2; x widened and split [n, d] x 2, its rows per
+   * assignment [A, d] x 2 (widened and split, or bfloat16), gate / hidden and up [A, f] x 2, the
+   * hidden split or bfloat16 [A, f], down [A, d], the assignments' weights [A], choice [e], group
+   * scores [e]; taken [e] */
+  const size_t floats = 2 * (size_t)n * D + 3 * (size_t)A * D + 3 * (size_t)A * F + (size_t)A + 2 * (size_t)E;
+  char *scratch = malloc(sizeof(int64_t) * 2 * (size_t)A + sizeof(float) * floats + (size_t)E);
+  if (!scratch) return 1;
+  int64_t *a_e = (int64_t *)scratch, *a_t = a_e + A;
+  float *xw = (float *)(a_t + A), *xws = xw + n * D, *xg = xws + n * D, *xgs = xg + A * D, *g = xgs + A * D,
+        *u = g + A * F, *hs = u + A * F, *yd = hs + A * F, *a_w = yd + A * D, *choice = a_w + A, *group = choice + E;
+  char *taken = (char *)(group + E);
+  const uint16_t *xb = (const uint16_t *)m->x;
+  uint16_t *xgb = (uint16_t *)xgs, *hb = (uint16_t *)hs; /* the bfloat16 forms of DP share the split ones' room */
+  if (kind == F32) {
+    xw = (float *)m->x;
+  } else if (kind == WIDE) {
+    for (int64_t i = 0; i < n * D; ++i) xw[i] = load1(xb, i, 1);
+    for (int64_t r = 0; r < n; ++r) split(xw + r * D, D, 0, D, xws + r * D);
+  }
+  const act_rows x = {xw, xws, xb};
+  for (int64_t e = 0; e < E; ++e) m->counts[e] = 0;
+  int64_t served = 0;
+
+#pragma omp parallel
+  {
+    const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t lo, hi;
+    share(E, 1, t, T, &lo, &hi);
+    product(kind, x, n, D, m->router, lo, hi, m->logits, E);
+#pragma omp barrier
+#pragma omp single
+    {
+      for (int64_t r = 0; r < n; ++r) route(m, r, choice, group, taken);
+      for (int64_t e = 0; e < E; ++e) {
+        int64_t count = 0;
+        for (int64_t i = 0; i < A; ++i)
+          if (m->selected[i] == e && (m->capacity < 0 || count < m->capacity)) {
+            a_e[served] = e;
+            a_t[served] = i / k;
+            a_w[served] = m->weights[i];
+            const int64_t r = i / k;
+            if (kind == DP) {
+              for (int64_t c = 0; c < D; ++c) xgb[served * D + c] = xb[r * D + c];
+            } else {
+              for (int64_t c = 0; c < D; ++c) xg[served * D + c] = xw[r * D + c];
+              if (kind == WIDE)
+                for (int64_t c = 0; c < D; ++c) xgs[served * D + c] = xws[r * D + c];
+            }
+            ++served;
+            ++count;
+          }
+      }
+    }
+    share(F, 16, t, T, &lo, &hi);
+    for (int64_t a0 = 0, a1; a0 < served; a0 = a1) {
+      const int64_t e = a_e[a0];
+      for (a1 = a0 + 1; a1 < served && a_e[a1] == e; ++a1) {
+      }
+      const act_rows in = {xg + a0 * D, xgs + a0 * D, xgb + a0 * D};
+      if (m->w_gate) product(kind, in, a1 - a0, D, (const char *)m->w_gate + e * F * D * es, lo, hi, g + a0 * F, F);
+      product(kind, in, a1 - a0, D, (const char *)m->w_up + e * F * D * es, lo, hi, u + a0 * F, F);
+      for (int64_t j = a0; j < a1; ++j) {
+        for (int64_t i = lo; i < hi; ++i) {
+          const float up = u[j * F + i] + (m->b_up ? load1(m->b_up, e * F + i, m->bf16) : 0.0f);
+          const float v = m->w_gate ? activate(m->activation, g[j * F + i] +
+                                               (m->b_gate ? load1(m->b_gate, e * F + i, m->bf16) : 0.0f)) * up
+                                    : activate(m->activation, up);
+          g[j * F + i] = v;
+          if (kind == DP) hb[j * F + i] = to_bf16(v);
+        }
+        if (kind == WIDE) split(g + j * F, F, lo, hi, hs + j * F);
+      }
+    }
+#pragma omp barrier
+    share(D, 1, t, T, &lo, &hi);
+    for (int64_t a0 = 0, a1; a0 < served; a0 = a1) {
+      const int64_t e = a_e[a0];
+      for (a1 = a0 + 1; a1 < served && a_e[a1] == e; ++a1) {
+      }
+      const act_rows h = {g + a0 * F, hs + a0 * F, hb + a0 * F};
+      product(kind, h, a1 - a0, F, (const char *)m->w_down + e * D * F * es, lo, hi, yd + a0 * D, D);
+    }
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = lo; i < hi; ++i) {
+        float sum = 0.0f;
+        for (int64_t a = 0; a < served; ++a)
+          if (a_t[a] == r)
+            sum += a_w[a] * (yd[a * D + i] + (m->b_down ? load1(m->b_down, a_e[a] * D + i, m->bf16) : 0.0f));
+        if (m->bf16)
+          ((uint16_t *)m->out)[r * D + i] = to_bf16(sum);
+        else
+          ((float *)m->out)[r * D + i] = sum;
+      }
+  }
+  free(scratch);
+  return 0;
+}
