@@ -14,7 +14,9 @@ or in float32 where PyTorch's GEMM in the 16-bit dtype is slower (a CPU without 
 instructions, such as an AVX2 one, multiplies bf16 weights fastest by widening them to float32,
 as cpu.grouped's GEMV kernel does). The engines and the two peak measurements take turns,
 `--repeat` times after warm-up (the order reversed every turn), each call with cold caches:
-medians of each one's times, and the median of the per-turn ratios to transformers.
+medians of each one's times, and the medians of the per-turn ratios to transformers and to the
+roofline (a turn's roofline from that turn's peaks: the memory's speed moved within seconds here,
+45 to 70 GB/s between two consecutive rows, and a ratio within a turn cancels it).
 
     .venv/bin/python benchmarks/moe_layer.py [--repeat 15] [--out FILE]
 """
@@ -120,11 +122,14 @@ def main() -> None:
             flops_per_s = 2 * peaks.GEMM_N**3 / (ms["gemm"] / 1e3)
             read_bytes = sum(w.numel() * w.element_size() for w in weights)
             bandwidth_ms, flops_ms = ms["read"], 1e3 * flops / flops_per_s
+            turn_roofline = [max(r, flops / (2 * peaks.GEMM_N**3) * g)
+                             for r, g in zip(times["read"], times["gemm"])]
             row = {"dtype": str(dtype).removeprefix("torch."), "tokens": n, "active_experts": len(experts),
                    **{f"{name}_ms": ms[name] for name in ("llmkit_cpu_grouped", "llmkit_reference", "transformers")},
                    "roofline_ms": max(bandwidth_ms, flops_ms),
                    "bound": "bandwidth" if bandwidth_ms > flops_ms else "flops",
-                   "fraction_of_roofline": max(bandwidth_ms, flops_ms) / ms["llmkit_cpu_grouped"],
+                   "fraction_of_roofline": statistics.median(r / o for r, o in zip(turn_roofline,
+                                                                                   times["llmkit_cpu_grouped"])),
                    "vs_transformers": statistics.median(t / o for t, o in zip(times["transformers"],
                                                                               times["llmkit_cpu_grouped"])),
                    "peaks": {"read_bytes": read_bytes, "read_ms": ms["read"],

@@ -41,10 +41,13 @@ static inline __attribute__((always_inline)) void load16(const void *row, int64_
   *hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000)));
 }
 
+/* How far ahead of its loads a product of two or more rows of x prefetches W (gemv.c). */
+#define PREFETCH_BYTES 4096
+
 /* X (1 or 2, a constant in each inlined copy, so the accumulators stay in registers) rows of x
  * against one row w of W, into y[j * N]. xs: x's rows with each whole block of 16 channels in
  * load16's order (`split`; x itself for float32 W); x: as given (for the tail). 32 channels a step
- * into 4 accumulators per row of x. */
+ * into 4 accumulators per row of x; with two rows, a prefetch of each line PREFETCH_BYTES ahead. */
 static inline __attribute__((always_inline)) void row(const float *xs, const float *x, int X, int64_t K,
                                                       const char *w, float *y, int64_t N, int bf16) {
   const int64_t steps = K / 32;
@@ -56,6 +59,10 @@ static inline __attribute__((always_inline)) void row(const float *xs, const flo
     __m256 v[4];
     load16(w, k, bf16, &v[0], &v[1]);
     load16(w, k + 16, bf16, &v[2], &v[3]);
+    if (X > 1) {
+      _mm_prefetch(w + k * (bf16 ? 2 : 4) + PREFETCH_BYTES, _MM_HINT_T0);
+      if (!bf16) _mm_prefetch(w + k * 4 + 64 + PREFETCH_BYTES, _MM_HINT_T0);
+    }
     for (int j = 0; j < X; ++j)
       for (int i = 0; i < 4; ++i) a[j][i] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xs + j * K + k + 8 * i), a[j][i]);
   }
@@ -102,17 +109,19 @@ static inline void share(int64_t n, int64_t align, int t, int T, int64_t *lo, in
 #define HAVE_NATIVE_BF16 1
 #define NATIVE_BF16 __attribute__((target("avx512f,avx512bf16")))
 
-/* row with bfloat16 x: 128 channels a step into 4 accumulators per row of x, then whole blocks of
- * 32, then a scalar tail. */
+/* row with bfloat16 x and X = 1..4 rows of it in one pass (AVX-512 has the registers for 16
+ * accumulators): 128 channels a step into 4 accumulators per row of x (with two or more rows, a
+ * prefetch of each line PREFETCH_BYTES ahead), then whole blocks of 32, then a scalar tail. */
 static inline NATIVE_BF16 __attribute__((always_inline)) void row_dp(const uint16_t *x, int X, int64_t K,
                                                                       const uint16_t *w, float *y, int64_t N) {
-  __m512 a[2][4];
+  __m512 a[4][4];
   for (int j = 0; j < X; ++j)
     for (int i = 0; i < 4; ++i) a[j][i] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 128 <= K; k += 128)
     for (int i = 0; i < 4; ++i) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * i);
+      if (X > 1) _mm_prefetch((const char *)(w + k + 32 * i) + PREFETCH_BYTES, _MM_HINT_T0);
       for (int j = 0; j < X; ++j)
         a[j][i] = _mm512_dpbf16_ps(a[j][i], (__m512bh)_mm512_loadu_si512(x + j * K + k + 32 * i), wv);
     }

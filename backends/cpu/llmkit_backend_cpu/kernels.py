@@ -19,14 +19,15 @@ GEMVs of cpu.grouped's experts and its whole layer at decode.
   the weighted sum) for a few tokens in one call, where PyTorch operations on cold caches cost as
   much as the weights' distance to the roofline.
 
-They are C (AVX2, FMA and F16C intrinsics, OpenMP over blocks of output rows); ops.cpp makes them
-the CPU kernels of the dispatcher ops `llmkit_cpu::linear_w4a8`, `llmkit_cpu::linear_f16`,
-`llmkit_cpu::gemv` and `llmkit_cpu::moe_decode` through libtorch's stable C API, so that eager calls and compiled decode steps
-reach them without passing through Python (the schemas and the fake impls, which give inductor the
-output shape, are defined here). The sources are compiled together with the C++ compiler (`$CXX`,
-default `c++`) at the first use, against the running torch's headers and libtorch_cpu, and cached
-under `${XDG_CACHE_HOME:-~/.cache}/llmkit/cpu-kernels/`, named by a hash of the sources, flags,
-compiler and torch build.
+They are C (AVX2, FMA and F16C intrinsics, OpenMP over blocks of output rows; gemv.h holds the
+row kernels gemv.c and moe.c share); ops.cpp makes them the CPU kernels of the dispatcher ops
+`llmkit_cpu::linear_w4a8`, `llmkit_cpu::linear_f16`, `llmkit_cpu::gemv` and
+`llmkit_cpu::moe_decode` through libtorch's stable C API, so that eager calls and compiled decode
+steps reach them without passing through Python (the schemas and the fake impls, which give
+inductor the output shape, are defined here). The sources are compiled together with the C++
+compiler (`$CXX`, default `c++`) at the first use, against the running torch's headers and
+libtorch_cpu, and cached under `${XDG_CACHE_HOME:-~/.cache}/llmkit/cpu-kernels/`, named by a hash
+of the sources and headers, flags, compiler and torch build.
 """
 
 from __future__ import annotations
