@@ -70,6 +70,109 @@ static inline float activate(int activation, float v) {
   }
 }
 
+/* 8 values of b (bfloat16 or float32) from i on; 0 where b is absent. */
+static inline __m256 load8(const void *b, int64_t i, int bf16) {
+  if (!b) return _mm256_setzero_ps();
+  if (!bf16) return _mm256_loadu_ps((const float *)b + i);
+  const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)b + i));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* v rounded to bfloat16 as to_bf16 does, 8 at a time. */
+static inline void store_bf16(uint16_t *p, __m256 v) {
+  const __m256i b = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
+  __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(b, 16), one)));
+  r = _mm256_srli_epi32(r, 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40)), nan);
+  _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+
+/* e^x for x clamped to [-87, 88] (both ends normal floats): x = n ln2 + r with |r| <= ln2 / 2
+ * (ln2 in two parts, Cody and Waite), e^r by its Taylor series to r^7 (truncation below 6e-9
+ * relative), 2^n written into the exponent. */
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  static const float inverse_factorial[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  __m256 p = _mm256_set1_ps(inverse_factorial[0]);
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(inverse_factorial[i]));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+/* activate, 8 at a time: silu as v / (1 + e^-v), gelu_tanh as v / (1 + e^-2u) (the same as
+ * 0.5 v (1 + tanh u)), relu; gelu's erf one value at a time. */
+static inline __m256 activate8(int activation, __m256 v) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  if (activation == 0) return _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v))));
+  if (activation == 2) {
+    const __m256 c = _mm256_set1_ps(-2.0f * 0.79788456080286536f), v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+    const __m256 u2 = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), v3, v));
+    return _mm256_div_ps(v, _mm256_add_ps(one, exp8(u2)));
+  }
+  if (activation == 3) return _mm256_max_ps(zero, v); /* max(0, NaN) is NaN */
+  float lanes[8];
+  _mm256_storeu_ps(lanes, v);
+  for (int i = 0; i < 8; ++i) lanes[i] = activate(activation, lanes[i]);
+  return _mm256_loadu_ps(lanes);
+}
+
+/* One assignment's hidden activations over [lo, hi): g (the gate's products; replaced by the
+ * hidden values) and u (the up ones) of expert e, plus their biases; also rounded to bfloat16 into
+ * hb for vdpbf16ps (kind DP). */
+static void hidden(const llmkit_moe *m, int kind, int64_t e, int64_t lo, int64_t hi, float *g, const float *u,
+                   uint16_t *hb) {
+  const int64_t at = e * m->f;
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) {
+    const __m256 up = _mm256_add_ps(_mm256_loadu_ps(u + i), load8(m->b_up, at + i, m->bf16));
+    const __m256 v = m->w_gate ? _mm256_mul_ps(activate8(m->activation, _mm256_add_ps(_mm256_loadu_ps(g + i),
+                                                                                      load8(m->b_gate, at + i, m->bf16))), up)
+                               : activate8(m->activation, up);
+    _mm256_storeu_ps(g + i, v);
+    if (kind == DP) store_bf16(hb + i, v);
+  }
+  for (; i < hi; ++i) {
+    const float up = u[i] + (m->b_up ? load1(m->b_up, at + i, m->bf16) : 0.0f);
+    const float v = m->w_gate ? activate(m->activation, g[i] + (m->b_gate ? load1(m->b_gate, at + i, m->bf16) : 0.0f)) * up
+                              : activate(m->activation, up);
+    g[i] = v;
+    if (kind == DP) hb[i] = to_bf16(v);
+  }
+}
+
+/* out[r] over [lo, hi): the sum over token r's served assignments (expert a_e, token a_t, weight
+ * a_w, down products yd [., d]), in their order, of weight * (down + b_down). */
+static void weighted_sum(const llmkit_moe *m, int64_t r, int64_t lo, int64_t hi, int64_t served, const int64_t *a_e,
+                         const int64_t *a_t, const float *a_w, const float *yd) {
+  const int64_t D = m->d;
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t a = 0; a < served; ++a)
+      if (a_t[a] == r)
+        sum = _mm256_fmadd_ps(_mm256_set1_ps(a_w[a]),
+                              _mm256_add_ps(_mm256_loadu_ps(yd + a * D + i), load8(m->b_down, a_e[a] * D + i, m->bf16)), sum);
+    if (m->bf16)
+      store_bf16((uint16_t *)m->out + r * D + i, sum);
+    else
+      _mm256_storeu_ps((float *)m->out + r * D + i, sum);
+  }
+  for (; i < hi; ++i) {
+    float sum = 0.0f;
+    for (int64_t a = 0; a < served; ++a)
+      if (a_t[a] == r) sum += a_w[a] * (yd[a * D + i] + (m->b_down ? load1(m->b_down, a_e[a] * D + i, m->bf16) : 0.0f));
+    if (m->bf16)
+      ((uint16_t *)m->out)[r * D + i] = to_bf16(sum);
+    else
+      ((float *)m->out)[r * D + i] = sum;
+  }
+}
+
 /* The index of the largest of v[0..n) not yet taken (the lower on ties), marked taken. */
 static int64_t take_max(const float *v, int64_t n, char *taken) {
   int64_t best = -1;
@@ -190,14 +293,7 @@ int llmkit_moe_decode(const llmkit_moe *m) {
       if (m->w_gate) product(kind, in, a1 - a0, D, (const char *)m->w_gate + e * F * D * es, lo, hi, g + a0 * F, F);
       product(kind, in, a1 - a0, D, (const char *)m->w_up + e * F * D * es, lo, hi, u + a0 * F, F);
       for (int64_t j = a0; j < a1; ++j) {
-        for (int64_t i = lo; i < hi; ++i) {
-          const float up = u[j * F + i] + (m->b_up ? load1(m->b_up, e * F + i, m->bf16) : 0.0f);
-          const float v = m->w_gate ? activate(m->activation, g[j * F + i] +
-                                               (m->b_gate ? load1(m->b_gate, e * F + i, m->bf16) : 0.0f)) * up
-                                    : activate(m->activation, up);
-          g[j * F + i] = v;
-          if (kind == DP) hb[j * F + i] = to_bf16(v);
-        }
+        hidden(m, kind, e, lo, hi, g + j * F, u + j * F, hb + j * F);
         if (kind == WIDE) split(g + j * F, F, lo, hi, hs + j * F);
       }
     }
@@ -210,17 +306,7 @@ int llmkit_moe_decode(const llmkit_moe *m) {
       const act_rows h = {g + a0 * F, hs + a0 * F, hb + a0 * F};
       product(kind, h, a1 - a0, F, (const char *)m->w_down + e * D * F * es, lo, hi, yd + a0 * D, D);
     }
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t i = lo; i < hi; ++i) {
-        float sum = 0.0f;
-        for (int64_t a = 0; a < served; ++a)
-          if (a_t[a] == r)
-            sum += a_w[a] * (yd[a * D + i] + (m->b_down ? load1(m->b_down, a_e[a] * D + i, m->bf16) : 0.0f));
-        if (m->bf16)
-          ((uint16_t *)m->out)[r * D + i] = to_bf16(sum);
-        else
-          ((float *)m->out)[r * D + i] = sum;
-      }
+    for (int64_t r = 0; r < n; ++r) weighted_sum(m, r, lo, hi, served, a_e, a_t, a_w, yd);
   }
   free(scratch);
   return 0;
