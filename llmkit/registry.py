@@ -213,11 +213,12 @@ class Registry:
     def device_backend(self, device_type: str) -> str:
         """The backend that owns a device type (what the reference impls run on): an available one
         first (cuda and rocm both own "cuda"; on a ROCm build only rocm is available), then the one
-        named like the device, then by name."""
+        named like the device, then by name. A plugin's `available()` that raises counts as
+        unavailable (`unavailable`)."""
         names = [n for n, b in self._backends.items() if b.device_type == device_type]
         if not names:
             raise LlmkitError(f"no registered backend runs device type {device_type!r}")
-        return min(names, key=lambda n: (bool(self._backends[n].available()), n != device_type, n))
+        return min(names, key=lambda n: (bool(self.unavailable(n)), n != device_type, n))
 
     def kind(self, name: str) -> BlockKind:
         """`"norm@1"` exactly, or `"norm"` for the newest registered version."""

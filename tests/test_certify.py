@@ -333,16 +333,22 @@ def test_the_reference_runs_on_an_available_backend_of_the_device_type() -> None
         def available(self) -> list[str]:
             return ["not on this machine"]
 
+    class Broken(Backend):
+        name, device_type = "bcpu", "cpu"
+
+        def available(self) -> list[str]:
+            raise OSError("driver missing")
+
     class Vendor:
         LLMKIT_PLUGIN_API = 1
 
         @hookimpl
         def llmkit_backends(self) -> list[Backend]:
-            return [Unavailable()]
+            return [Unavailable(), Broken()]
 
     registry = Registry.load([("acpu", Vendor())], environ={"LLMKIT_DISABLE_PLUGIN_AUTOLOAD": "1",
                                                              "LLMKIT_PLUGINS": "blocks,cpu"})
-    assert list(registry.backends)[0] == "acpu"  # first registered, but unavailable
-    assert registry.device_backend("cpu") == "cpu"
+    assert list(registry.backends)[:2] == ["acpu", "bcpu"]  # first registered, but unavailable or broken
+    assert registry.device_backend("cpu") == "cpu"  # a raising available() counts as unavailable
     with pytest.raises(LlmkitError, match="no registered backend runs device type 'hpu'"):
         registry.device_backend("hpu")
