@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ for _var in ("LLMKIT_DISABLE_PLUGIN_AUTOLOAD", "LLMKIT_PLUGINS"):
 if not shutil.which("nvidia-smi") and not os.path.exists("/dev/kfd"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import llmkit.registry  # noqa: E402
 from llmkit import Registry  # noqa: E402
 
 PLUGIN_SOURCES = Path(__file__).parent / "plugins"
@@ -86,3 +88,25 @@ def subprocess_env(plugin_site: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(plugin_site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["COLUMNS"] = "200"
     return env
+
+
+@pytest.fixture
+def make_cli(monkeypatch: pytest.MonkeyPatch,
+             capsys: pytest.CaptureFixture[str]) -> Callable[[str, int], Callable[..., tuple[int, str, str]]]:
+    """make_cli(plugins, columns): a function running `llmkit ARGS` in process with those plugins
+    (LLMKIT_PLUGINS) and terminal width, returning (exit code, stdout, stderr)."""
+    from llmkit.cli import main
+
+    def make(plugins: str, columns: int) -> Callable[..., tuple[int, str, str]]:
+        monkeypatch.setenv("LLMKIT_PLUGINS", plugins)
+        monkeypatch.setenv("COLUMNS", str(columns))
+        monkeypatch.setattr(llmkit.registry, "_default", None)
+
+        def run(*args: str) -> tuple[int, str, str]:
+            code = main(list(args))
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        return run
+
+    return make

@@ -18,7 +18,6 @@ import llmkit.registry
 from llmkit import CertificateWarning, FallbackWarning, Registry, Selection, SpecError, load_spec
 from llmkit import certificate
 from llmkit.certificate import Case, CertificateError, ImplInfo
-from llmkit.cli import main
 
 PRESET = "tiny-llama-3-8b"
 NORM = {"dim": 64}
@@ -229,18 +228,9 @@ def test_load_takes_certs(registry: Registry, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+def cli(make_cli):
     """Run `llmkit ARGS` in process with the built-in plugins; return (code, out, err)."""
-    monkeypatch.setenv("LLMKIT_PLUGINS", "blocks,cpu")
-    monkeypatch.setenv("COLUMNS", "250")
-    monkeypatch.setattr(llmkit.registry, "_default", None)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return make_cli("blocks,cpu", 250)
 
 
 def test_cli_build_shows_certificate_status(cli, registry: Registry, tmp_path: Path) -> None:

@@ -9,23 +9,12 @@ import sys
 
 import pytest
 
-import llmkit.registry
-from llmkit.cli import main
 
 
 @pytest.fixture
-def cli(with_plugins, monkeypatch, capsys):
+def cli(with_plugins, make_cli):
     """Run `llmkit ARGS` in process with blocks, cpu and testvendor; return (code, out, err)."""
-    monkeypatch.setenv("LLMKIT_PLUGINS", "blocks,cpu,testvendor")
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setattr(llmkit.registry, "_default", None)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return make_cli("blocks,cpu,testvendor", 200)
 
 
 def test_info_shows_plugins_backends_and_the_impl_table(cli) -> None:
