@@ -305,6 +305,29 @@ _decode = cpu_moe._decode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ties", ["zero router", "equal rows"])
+def test_moe_decode_kernel_leaves_exact_ties_to_pytorchs_topk(dtype, ties, monkeypatch) -> None:
+    """Where an exact tie decides a pick, moe_decode says so and the call is routed by the
+    catalogue's code (PyTorch's topk), so decode routes as prefill does: the same choices as the
+    PyTorch path, and its output."""
+    exact, naive, under = _blocks("moe", MOE_DECODE, dtype, "grouped")
+    with torch.no_grad():
+        for b in (naive, under):
+            if ties == "zero router":
+                b.router.zero_()
+            else:
+                b.router[1:] = b.router[1].clone()  # seven equal experts: every top-2 ties
+    x = torch.randn(1, 3, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    tied = []
+    monkeypatch.setattr(cpu_moe, "_decode", lambda *a: tied.append(bool((r := _decode(*a))[6])) or r)
+    with torch.no_grad():
+        got, want = under(x), naive(x)
+    assert tied == [True]
+    assert torch.equal(under.routing.selected, naive.routing.selected)
+    torch.testing.assert_close(got, want)  # the experts' products are the GEMV kernel's there
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_moe_decode_kernel_does_not_depend_on_the_thread_count(dtype) -> None:
     """Each output value is summed by one thread in expert order: 1 and 2 threads agree bitwise."""
     under = _blocks("moe", {**MOE_DECODE, "d_model": 1024, "hidden": 1000}, dtype, "grouped")[2]

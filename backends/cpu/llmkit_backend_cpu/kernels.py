@@ -116,15 +116,19 @@ def _moe_decode_fake(x: torch.Tensor, router: torch.Tensor, correction_bias: tor
     n, e = x.shape[0], router.shape[0]
     scores = [x.new_empty(n, e, dtype=torch.float32) for _ in range(2)]
     return (x.new_empty(x.shape), *scores, x.new_empty(n, top_k, dtype=torch.int64),
-            x.new_empty(n, top_k, dtype=torch.float32), x.new_empty(e, dtype=torch.int64))
+            x.new_empty(n, top_k, dtype=torch.float32), x.new_empty(e, dtype=torch.int64),
+            x.new_empty((), dtype=torch.bool))
 
 
 MOE_DECODE_SCHEMA = (
     "moe_decode(Tensor x, Tensor router, Tensor correction_bias, Tensor w_gate, Tensor w_up, Tensor w_down, "
     "Tensor b_gate, Tensor b_up, Tensor b_down, int top_k, int scoring, int n_group, int topk_group, "
     "int renormalize, float routed_scaling, int capacity, int activation) "
-    "-> (Tensor out, Tensor logits, Tensor scores, Tensor selected, Tensor weights, Tensor counts)"
+    "-> (Tensor out, Tensor logits, Tensor scores, Tensor selected, Tensor weights, Tensor counts, "
+    "Tensor tied)"
 )
+"""tied (a bool scalar): an exact tie decided the routing; out is then not computed, and the caller
+routes that call itself."""
 
 
 def ready() -> bool:

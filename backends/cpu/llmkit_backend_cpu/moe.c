@@ -23,6 +23,11 @@
  * (the precision rule compares both with float64; a near-tie may route differently). With bfloat16
  * weights on a CPU with AVX512_BF16 the hidden activations are rounded to bfloat16 for vdpbf16ps.
  *
+ * Where an exact tie decides a pick (equal router rows, a zeroed router), the result would depend on
+ * how a top-k breaks ties, which PyTorch's topk leaves to its implementation: the kernel then
+ * stops after the routing and says so, and cpu.grouped routes that call with the catalogue's
+ * code, so that its choices do not depend on how many tokens a call has.
+ *
  * One OpenMP region, three phases split by barriers: the router's rows over the threads; the
  * routing (one thread: n * e values); then every active expert's gate and up rows, each thread one
  * contiguous range of hidden rows (blocks of 16) in every expert, with the activation applied to
@@ -182,10 +187,20 @@ static int64_t take_max(const float *v, int64_t n, char *taken) {
   return best;
 }
 
+/* Whether an exact tie decided take_max's picks from v[0..n) (taken marks them, `last` the final
+ * one): a value left out equal to it. */
+static int boundary_tie(const float *v, int64_t n, const char *taken, int64_t last) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!taken[i] && v[i] == v[last]) return 1;
+  return 0;
+}
+
 /* Token t's scores, choices, top_k and weights (module docstring); choice [e], group [n_group] and
- * taken [e] are scratch. */
-static void route(const llmkit_moe *m, int64_t t, float *choice, float *group, char *taken) {
+ * taken [e] are scratch. Returns 1 if an exact tie decided a pick (of a group, of an expert, or
+ * the order of two picked experts), where the result would depend on how a top-k breaks ties. */
+static int route(const llmkit_moe *m, int64_t t, float *choice, float *group, char *taken) {
   const int64_t E = m->e, k = m->k;
+  int tie = 0;
   const float *l = m->logits + t * E;
   float *s = m->scores + t * E, *w = m->weights + t * k;
   int64_t *sel = m->selected + t * k;
@@ -213,7 +228,9 @@ static void route(const llmkit_moe *m, int64_t t, float *choice, float *group, c
       group[g] = first + second;
       taken[g] = 0;
     }
-    for (int64_t j = 0; j < m->topk_group; ++j) take_max(group, m->n_group, taken);
+    int64_t last = 0;
+    for (int64_t j = 0; j < m->topk_group; ++j) last = take_max(group, m->n_group, taken);
+    tie |= boundary_tie(group, m->n_group, taken, last);
     for (int64_t e = 0; e < E; ++e)
       if (!taken[e / per]) choice[e] = -INFINITY;
   }
@@ -223,8 +240,10 @@ static void route(const llmkit_moe *m, int64_t t, float *choice, float *group, c
     sel[j] = take_max(choice, E, taken);
     sum += w[j] = s[sel[j]];
     m->counts[sel[j]] += 1;
+    tie |= j > 0 && choice[sel[j]] == choice[sel[j - 1]];
   }
   for (int64_t j = 0; j < k; ++j) w[j] = (m->renormalize ? w[j] / sum : w[j]) * m->routed_scaling;
+  return tie | boundary_tie(choice, E, taken, sel[k - 1]);
 }
 
 int llmkit_moe_decode(const llmkit_moe *m) {
@@ -253,6 +272,7 @@ int llmkit_moe_decode(const llmkit_moe *m) {
   const act_rows x = {xw, xws, xb};
   for (int64_t e = 0; e < E; ++e) m->counts[e] = 0;
   int64_t served = 0;
+  int tie = 0;
 
 #pragma omp parallel
   {
@@ -263,8 +283,8 @@ int llmkit_moe_decode(const llmkit_moe *m) {
 #pragma omp barrier
 #pragma omp single
     {
-      for (int64_t r = 0; r < n; ++r) route(m, r, choice, group, taken);
-      for (int64_t e = 0; e < E; ++e) {
+      for (int64_t r = 0; r < n; ++r) tie |= route(m, r, choice, group, taken);
+      for (int64_t e = 0; e < E && !tie; ++e) {
         int64_t count = 0;
         for (int64_t i = 0; i < A; ++i)
           if (m->selected[i] == e && (m->capacity < 0 || count < m->capacity)) {
@@ -309,5 +329,5 @@ int llmkit_moe_decode(const llmkit_moe *m) {
     for (int64_t r = 0; r < n; ++r) weighted_sum(m, r, lo, hi, served, a_e, a_t, a_w, yd);
   }
   free(scratch);
-  return 0;
+  return tie ? 2 : 0;
 }

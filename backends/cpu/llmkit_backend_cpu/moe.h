@@ -29,7 +29,8 @@ typedef struct {
   int64_t *counts;                    /* [e] */
 } llmkit_moe;
 
-/* 0 on success, 1 if its scratch memory cannot be allocated. */
+/* 0 on success, 1 if its scratch memory cannot be allocated, 2 if an exact tie decided the routing
+ * (the routing outputs are written, out is not; moe.c). */
 int llmkit_moe_decode(const llmkit_moe *m);
 
 #ifdef __cplusplus

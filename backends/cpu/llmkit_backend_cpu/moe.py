@@ -12,7 +12,8 @@ A call of at most `GEMV_MAX_ROWS` tokens (decode) in float32 or bfloat16, outsid
 without training's router jitter, is one call of this plugin's `llmkit_cpu::moe_decode` (moe.c):
 routing, experts and the weighted sum in one C kernel, every product and sum in float32 (the
 reference rounds the router's logits, each product and the routing weights to a bfloat16 layer's
-dtype; the kernel is closer to float64, and a near-tie may route otherwise). Run as PyTorch
+dtype; the kernel is closer to float64, and a near-tie may route otherwise; where an exact tie
+decides a pick, the call is routed here as below, as PyTorch's topk breaks ties). Run as PyTorch
 operations, the routing, sorting and scatter cost as much as the kernels' distance to the memory
 roofline (README, MoE layer). Otherwise an expert with at most `GEMV_MAX_ROWS` tokens multiplies
 by this plugin's GEMV kernel (gemv.c through `llmkit_cpu::gemv`: the weights as stored, float32
@@ -70,7 +71,7 @@ def _expert(lin: Callable[..., torch.Tensor], block: Any, e: int, x: torch.Tenso
 
 
 def _decode(block: Any, h: torch.Tensor, capacity: int | None) -> tuple[torch.Tensor, ...]:
-    """moe_decode's (out, logits, scores, selected, weights, counts) for the tokens h [n, d]."""
+    """moe_decode's (out, logits, scores, selected, weights, counts, tied) for the tokens h [n, d]."""
     c = block.config
     bias = c.expert_bias
     return torch.ops.llmkit_cpu.moe_decode.default(
@@ -120,9 +121,10 @@ def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
     capacity = None if c.capacity_factor is None else math.ceil(c.capacity_factor * n * c.top_k / c.n_experts)
     gemv = block.__dict__.get("_cpu_gemv", False) and h.dtype in _GEMV_DTYPES and not torch.is_grad_enabled()
     jitter = block.training and c.jitter > 0  # route's noise on the router's input
-    if gemv and 0 < n <= GEMV_MAX_ROWS and not jitter and h.dtype == block.router.dtype:
-        out, logits, scores, selected, weights, counts = _decode(block, h, capacity)
-    else:
+    decoded = gemv and 0 < n <= GEMV_MAX_ROWS and not jitter and h.dtype == block.router.dtype
+    if decoded:
+        out, logits, scores, selected, weights, counts, tied = _decode(block, h, capacity)
+    if not decoded or tied:  # tied: an exact tie decided moe_decode's routing
         out, logits, scores, selected, weights, counts = _grouped(block, h, capacity, gemv)
     out = _moe.add_shared(block, h, out)
     _moe.record_routing(block, x, logits, scores, selected, weights, capacity, counts)

@@ -18,7 +18,8 @@
 // moe_decode: a moe@1 layer for a few tokens x [n, d] float32 or bfloat16, its parameters in x's
 // dtype (the correction bias float32), an absent one (w_gate, the biases) as an empty tensor; returns
 // out [n, d] in x's dtype, logits and scores [n, e] float32, selected [n, k] int64, weights [n, k]
-// float32 and counts [e] int64; moe.c.
+// float32, counts [e] int64, and tied, a bool scalar: whether an exact tie decided the routing (out
+// is then not computed, and the caller routes); moe.c.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 
 #include <cstdint>
@@ -76,7 +77,7 @@ void *data(const char *op, AtenTensorHandle t) {
   return ptr;
 }
 
-// A new contiguous CPU tensor of the given sizes (rank 1 or 2) and dtype (an op's output).
+// A new contiguous CPU tensor of the given sizes (rank 0, 1 or 2) and dtype (an op's output).
 AtenTensorHandle empty(const char *op, int64_t rank, const int64_t *sizes, int32_t dtype) {
   const int64_t strides[2] = {rank == 2 ? sizes[1] : 1, 1};
   AtenTensorHandle y;
@@ -255,7 +256,7 @@ void moe_decode(StableIValue *stack, uint64_t, uint64_t) {
   m.renormalize = static_cast<int>(renormalize);
   m.activation = static_cast<int>(activation);
   const int64_t nd[2] = {n, d}, ne[2] = {n, e}, nk[2] = {n, k}, ee[1] = {e};
-  AtenTensorHandle outs[6] = {};
+  AtenTensorHandle outs[7] = {};
   try {
     outs[0] = empty(op, 2, nd, dtype);
     outs[1] = empty(op, 2, ne, aoti_torch_dtype_float32());
@@ -269,13 +270,16 @@ void moe_decode(StableIValue *stack, uint64_t, uint64_t) {
     m.selected = static_cast<int64_t *>(data(op, outs[3]));
     m.weights = static_cast<float *>(data(op, outs[4]));
     m.counts = static_cast<int64_t *>(data(op, outs[5]));
-    if (llmkit_moe_decode(&m)) throw std::bad_alloc();  // its scratch memory
+    outs[6] = empty(op, 0, nullptr, aoti_torch_dtype_bool());
+    const int status = llmkit_moe_decode(&m);
+    if (status == 1) throw std::bad_alloc();  // its scratch memory
+    *static_cast<bool *>(data(op, outs[6])) = status == 2;
   } catch (...) {
     for (AtenTensorHandle t : outs)
       if (t) aoti_torch_delete_tensor_object(t);
     throw;
   }
-  for (int i = 0; i < 6; ++i) stack[i] = reinterpret_cast<StableIValue>(outs[i]);
+  for (int i = 0; i < 7; ++i) stack[i] = reinterpret_cast<StableIValue>(outs[i]);
 }
 
 }  // namespace
