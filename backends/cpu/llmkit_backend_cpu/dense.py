@@ -58,7 +58,7 @@ def head_forward(block: Any, x: torch.Tensor, tied_weight: torch.Tensor | None =
     if not c.tied:
         logits = linear(block, "weight", "bias" if c.bias else None, x)
     elif block._cpu_tied_mode is None or not quant.small(x):
-        logits = quant.float_linear(x, tied_weight, bias)
+        logits = quant.block_linear(block, x, tied_weight, bias)
     else:
         if block._cpu_tied is None or block._cpu_tied[0] is not tied_weight:
             block._cpu_pack_tied(block, tied_weight, x.dtype)

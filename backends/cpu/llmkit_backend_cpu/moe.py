@@ -36,26 +36,17 @@ import torch
 from llmkit_blocks import mlp as _mlp
 from llmkit_blocks import moe as _moe
 
-from . import kernels, quant
+from . import quant
 
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = quant.GEMV_MAX_ROWS
 """Up to this many tokens an expert's products are GEMVs (each weight read once, the rows reuse it
 from cache); beyond, PyTorch's GEMM."""
-_GEMV_DTYPES = (torch.float32, torch.bfloat16)
 _ABSENT = torch.empty(0)  # moe_decode's absent operand
 _SCORING = {"softmax": 0, "sigmoid": 1}
 _ACTIVATION = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
-def prepare(block: Any, target: Any) -> None:
-    """Whether this block's experts may use the GEMV kernel (built here at the first bind)."""
-    block._cpu_gemv = target.device != "meta" and target.dtype in _GEMV_DTYPES and kernels.ready()
-
-
-def _gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    same = x.dtype == w.dtype == torch.bfloat16  # both bfloat16: the kernel's vdpbf16ps path where it has one
-    y = torch.ops.llmkit_cpu.gemv.default((x if same else x.float()).contiguous(), w).to(x.dtype)
-    return y if b is None else y + b
+prepare = quant.prepare_gemv
 
 
 def _expert(lin: Callable[..., torch.Tensor], block: Any, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +95,7 @@ def _grouped(block: Any, h: torch.Tensor, capacity: int | None, gemv: bool) -> t
         rows = token[start:keep]
         rows_in = h.index_select(0, rows)
         if gemv and keep - start <= GEMV_MAX_ROWS:
-            y = _expert(_gemv, block, e, rows_in)
+            y = _expert(quant.gemv_linear, block, e, rows_in)
         elif wide and keep - start > quant.PACKED_MAX_ROWS:  # prefill-sized, as quant.linear widens
             y = _expert(quant.wide_linear, block, e, rows_in)
         else:
@@ -119,7 +110,7 @@ def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
     h = x.reshape(-1, c.d_model)
     n = h.shape[0]
     capacity = None if c.capacity_factor is None else math.ceil(c.capacity_factor * n * c.top_k / c.n_experts)
-    gemv = block.__dict__.get("_cpu_gemv", False) and h.dtype in _GEMV_DTYPES and not torch.is_grad_enabled()
+    gemv = block.__dict__.get("_cpu_gemv", False) and not torch.is_grad_enabled()
     jitter = block.training and c.jitter > 0  # route's noise on the router's input
     decoded = gemv and 0 < n <= GEMV_MAX_ROWS and not jitter and h.dtype == block.router.dtype
     if decoded:
