@@ -512,28 +512,32 @@ def test_prefill_sized_bfloat16_products_widened_to_float32_meet_the_precision_r
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind, config", [
-    ("mlp", {"d_model": 40, "hidden": 72, "activation": "silu", "bias": True}),
-    ("mlp", {"d_model": 40, "hidden": 72, "gated": False, "activation": "gelu"}),
-    ("head", {"d_model": 40, "vocab_size": 50, "bias": True}), ("head", {"d_model": 40, "vocab_size": 50, "tied": True}),
-], ids=["mlp-gated", "mlp", "head", "head-tied"])
+    ("mlp", {"d_model": 200, "hidden": 360, "activation": "silu", "bias": True}),
+    ("mlp", {"d_model": 200, "hidden": 360, "gated": False, "activation": "gelu"}),
+    ("head", {"d_model": 200, "vocab_size": 500, "bias": True}), ("head", {"d_model": 200, "vocab_size": 500, "tied": True}),
+    ("head", {"d_model": 40, "vocab_size": 50}),
+], ids=["mlp-gated", "mlp", "head", "head-tied", "head-small"])
 def test_decode_sized_products_take_the_gemv_kernel(dtype, kind, config, monkeypatch) -> None:
-    """Unpacked float32 / bfloat16 weights, at most GEMV_MAX_ROWS rows, no autograd: every product
-    is the GEMV kernel's, within the precision rule; more rows, or autograd, take F.linear."""
+    """Unpacked float32 / bfloat16 weights of GEMV_MIN_WEIGHTS or more, at most GEMV_MAX_ROWS rows,
+    no autograd: every product is the GEMV kernel's, within the precision rule; more rows,
+    autograd or a small weight take F.linear."""
     exact, naive, under = _blocks(kind, config, dtype, "linear")
     assert under._cpu_gemv
     calls = []
     real = quant.gemv_linear
     monkeypatch.setattr(quant, "gemv_linear", lambda *a: calls.append(a[0].shape) or real(*a))
-    tied = 0.3 * torch.randn(50, 40, generator=torch.Generator().manual_seed(5)) if config.get("tied") else None
+    d = config["d_model"]
+    tied = 0.3 * torch.randn(500, d, generator=torch.Generator().manual_seed(5)) if config.get("tied") else None
     args = () if kind == "mlp" else (None if tied is None else tied.to(dtype),)
     want = () if kind == "mlp" else (None if tied is None else tied.to(dtype).double(),)
     for rows, grad, used in ((1, False, True), (4, False, True), (5, False, False), (2, True, False)):
-        x = torch.randn(1, rows, 40, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        x = torch.randn(1, rows, d, generator=torch.Generator().manual_seed(rows)).to(dtype)
         calls.clear()
         with torch.set_grad_enabled(grad):
             got = under(x, *args)
         with torch.no_grad():
             _check(got.detach(), naive(x, *args), exact(x.double(), *want), dtype)
+        used = used and d * config.get("hidden", config.get("vocab_size")) >= quant.GEMV_MIN_WEIGHTS
         assert bool(calls) == used and len(calls) in ((3 if config.get("gated", True) else 2) if kind == "mlp" else 1, 0)
 
 

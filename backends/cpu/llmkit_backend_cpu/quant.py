@@ -24,7 +24,8 @@ matrix, so a decode step runs one GEMM for them instead of two or three (`groupe
   the weight's. It reads half of float32's bytes without bf16's slow GEMMs on AVX2.
 
 Unpacked (no `quant`), float32 and bfloat16 blocks multiply decode-sized inputs (at most
-`GEMV_MAX_ROWS` rows, outside autograd) by this plugin's GEMV kernel (`gemv_linear`; gemv.c): the
+`GEMV_MAX_ROWS` rows, outside autograd) by weights of `GEMV_MIN_WEIGHTS` or more through this
+plugin's GEMV kernel (`gemv_linear`; gemv.c): the
 weights as stored, float32 sums, the output rounded once to the block's dtype, as `F.linear` does.
 """
 
@@ -175,6 +176,10 @@ GEMV_MAX_ROWS = 4
 weight read once, the rows reuse it from cache): SmolLM2's 210 layer linears and its head at one
 token took 12.4 ms with the kernel against 32.2 ms with `F.linear` in float32 and 7.2 against
 12.9 ms in bfloat16 (AVX-512 EPYC, 2 threads, 30 layers of distinct weights, medians of 13)."""
+GEMV_MIN_WEIGHTS = 16384
+"""Below this many weights `F.linear`'s own small-matrix path is faster (one row of x, 2 threads:
+a 64 x 128 float32 weight took 1.9 us with it against 3.0 with the kernel; 128 x 256: 7.3 against
+4.4; in bfloat16 the kernel was faster from 64 x 128 on)."""
 _GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -196,8 +201,9 @@ def gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
 
 
 def _gemv_fits(block: Any, x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `gemv_linear` serves this product (`prepare_gemv`, `GEMV_MAX_ROWS`, no autograd)."""
-    return (block.__dict__.get("_cpu_gemv", False) and x.dtype == w.dtype
+    """Whether `gemv_linear` serves this product (`prepare_gemv`, `GEMV_MAX_ROWS`,
+    `GEMV_MIN_WEIGHTS`, no autograd)."""
+    return (block.__dict__.get("_cpu_gemv", False) and x.dtype == w.dtype and w.numel() >= GEMV_MIN_WEIGHTS
             and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled())
 
 
