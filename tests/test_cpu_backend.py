@@ -513,10 +513,11 @@ def test_prefill_sized_bfloat16_products_widened_to_float32_meet_the_precision_r
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind, config", [
     ("mlp", {"d_model": 200, "hidden": 360, "activation": "silu", "bias": True}),
+    ("mlp", {"d_model": 64, "hidden": 512, "activation": "silu"}),
     ("mlp", {"d_model": 200, "hidden": 360, "gated": False, "activation": "gelu"}),
     ("head", {"d_model": 200, "vocab_size": 500, "bias": True}), ("head", {"d_model": 200, "vocab_size": 500, "tied": True}),
     ("head", {"d_model": 40, "vocab_size": 50}),
-], ids=["mlp-gated", "mlp", "head", "head-tied", "head-small"])
+], ids=["mlp-gated", "mlp-32k", "mlp", "head", "head-tied", "head-small"])
 def test_decode_sized_products_take_the_gemv_kernel(dtype, kind, config, monkeypatch) -> None:
     """Unpacked float32 / bfloat16 weights of GEMV_MIN_WEIGHTS or more, at most GEMV_MAX_ROWS rows,
     no autograd: every product is the GEMV kernel's, within the precision rule; more rows,
@@ -537,7 +538,7 @@ def test_decode_sized_products_take_the_gemv_kernel(dtype, kind, config, monkeyp
             got = under(x, *args)
         with torch.no_grad():
             _check(got.detach(), naive(x, *args), exact(x.double(), *want), dtype)
-        used = used and d * config.get("hidden", config.get("vocab_size")) >= quant.GEMV_MIN_WEIGHTS
+        used = used and d * config.get("hidden", config.get("vocab_size")) >= quant.GEMV_MIN_WEIGHTS[dtype]
         assert bool(calls) == used and len(calls) in ((3 if config.get("gated", True) else 2) if kind == "mlp" else 1, 0)
 
 

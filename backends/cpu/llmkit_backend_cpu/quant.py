@@ -176,10 +176,11 @@ GEMV_MAX_ROWS = 4
 weight read once, the rows reuse it from cache): SmolLM2's 210 layer linears and its head at one
 token took 12.4 ms with the kernel against 32.2 ms with `F.linear` in float32 and 7.2 against
 12.9 ms in bfloat16 (AVX-512 EPYC, 2 threads, 30 layers of distinct weights, medians of 13)."""
-GEMV_MIN_WEIGHTS = 16384
-"""Below this many weights `F.linear`'s own small-matrix path is faster (one row of x, 2 threads:
-a 64 x 128 float32 weight took 1.9 us with it against 3.0 with the kernel; 128 x 256: 7.3 against
-4.4; in bfloat16 the kernel was faster from 64 x 128 on)."""
+GEMV_MIN_WEIGHTS = {torch.float32: 65536, torch.bfloat16: 16384}
+"""Below this many weights `F.linear`'s own small-matrix path is as fast or faster (one row of x,
+2 threads, AVX-512 EPYC; a matrix called in a loop, so in cache: float32 128 x 256 took 4.1 us with
+it against 5.0 with the kernel, 256 x 256 5.8 against 5.9, 192 x 576 9.3 against 6.9; bfloat16
+128 x 256 13.8 against 4.1; a 64 x 128 float32 weight 1.9 against 3.0 even cycling through 200)."""
 _GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -203,8 +204,9 @@ def gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
 def _gemv_fits(block: Any, x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `gemv_linear` serves this product (`prepare_gemv`, `GEMV_MAX_ROWS`,
     `GEMV_MIN_WEIGHTS`, no autograd)."""
-    return (block.__dict__.get("_cpu_gemv", False) and x.dtype == w.dtype and w.numel() >= GEMV_MIN_WEIGHTS
-            and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled())
+    return (block.__dict__.get("_cpu_gemv", False) and x.dtype == w.dtype
+            and w.numel() >= GEMV_MIN_WEIGHTS.get(w.dtype, 0) and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
+            and not torch.is_grad_enabled())
 
 
 def small(x: torch.Tensor) -> bool:
