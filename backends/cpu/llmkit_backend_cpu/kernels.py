@@ -1,5 +1,6 @@
-"""This plugin's own C kernels: packed linears for `quant="w4a8"` and `quant="fp16"`, and the
-GEMVs of cpu.grouped's experts and its whole layer at decode.
+"""This plugin's own C kernels: packed linears for `quant="w4a8"` and `quant="fp16"`, the GEMVs of
+decode-sized unpacked linears (quant.gemv_linear: cpu.linear, the attention impls' projections,
+cpu.grouped's experts), and cpu.grouped's whole layer at decode.
 
 - w4a8 (w4a8.c): int4 weights times int8 activations. PyTorch's weight-only int4 kernel
   (`_weight_int4pack_mm_for_cpu`) converts every weight to float before it multiplies; on AVX2 that
@@ -14,7 +15,8 @@ GEMVs of cpu.grouped's experts and its whole layer at decode.
   where fbgemm's fp16 GEMM reached ~15 (the 121 linears: 10.6 against 17.5 ms).
 - gemv (gemv.c): float32 or bfloat16 weights as stored (row-major, no packing) times a few float32
   rows, or bfloat16 ones with bfloat16 weights (AVX512_BF16's vdpbf16ps where the CPU has it); an
-  expert's matrices at ~29 GB/s where PyTorch's float32 GEMV reached ~15 (AVX2 VM, first version).
+  expert's matrices at ~29 GB/s where PyTorch's float32 GEMV reached ~15 (AVX2 VM, first version);
+  SmolLM2's decode linears in 12.4 ms against 32.2 with `F.linear` (float32, AVX-512 VM).
 - moe_decode (moe.c): a whole moe@1 layer (routing, the active experts with gemv's row kernels,
   the weighted sum) for a few tokens in one call, where PyTorch operations on cold caches cost as
   much as the weights' distance to the roofline.
