@@ -12,7 +12,7 @@
  * Formula (as the catalogue's, in float32):
  *   logits = x W_r^T; scores = softmax(logits) | sigmoid(logits); choice = scores + correction bias,
  *   groups outside the topk_group best (each scored by its two best choices) set to -inf;
- *   selected = the top_k choices, largest first (ties: the lower expert); weights = scores[selected],
+ *   selected = the top_k choices, largest first (exact ties: below); weights = scores[selected],
  *   / their sum if renormalised, * routed_scaling; each expert serves its first `capacity`
  *   (token, slot) assignments in token order;
  *   out[t] = sum over t's served assignments, in expert order, of

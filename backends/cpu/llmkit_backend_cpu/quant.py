@@ -25,8 +25,8 @@ matrix, so a decode step runs one GEMM for them instead of two or three (`groupe
 
 Unpacked (no `quant`), float32 and bfloat16 blocks multiply decode-sized inputs (at most
 `GEMV_MAX_ROWS` rows, outside autograd) by weights of `GEMV_MIN_WEIGHTS` or more through this
-plugin's GEMV kernel (`gemv_linear`; gemv.c): the
-weights as stored, float32 sums, the output rounded once to the block's dtype, as `F.linear` does.
+plugin's GEMV kernel (`gemv_linear`; gemv.c): the weights as stored, float32 sums, the output
+rounded once to the block's dtype, as `F.linear` does.
 """
 
 from __future__ import annotations
