@@ -178,6 +178,13 @@ static void weighted_sum(const llmkit_moe *m, int64_t r, int64_t lo, int64_t hi,
   }
 }
 
+/* The end of the run of assignments to a_e[a0]'s expert that starts at a0 (they are sorted by expert). */
+static int64_t run_end(const int64_t *a_e, int64_t served, int64_t a0) {
+  int64_t a1 = a0 + 1;
+  while (a1 < served && a_e[a1] == a_e[a0]) ++a1;
+  return a1;
+}
+
 /* The index of the largest of v[0..n) not yet taken (the lower on ties), marked taken. */
 static int64_t take_max(const float *v, int64_t n, char *taken) {
   int64_t best = -1;
@@ -288,10 +295,10 @@ int llmkit_moe_decode(const llmkit_moe *m) {
         int64_t count = 0;
         for (int64_t i = 0; i < A; ++i)
           if (m->selected[i] == e && (m->capacity < 0 || count < m->capacity)) {
-            a_e[served] = e;
-            a_t[served] = i / k;
-            a_w[served] = m->weights[i];
             const int64_t r = i / k;
+            a_e[served] = e;
+            a_t[served] = r;
+            a_w[served] = m->weights[i];
             if (kind == DP) {
               for (int64_t c = 0; c < D; ++c) xgb[served * D + c] = xb[r * D + c];
             } else {
@@ -307,8 +314,7 @@ int llmkit_moe_decode(const llmkit_moe *m) {
     share(F, 16, t, T, &lo, &hi);
     for (int64_t a0 = 0, a1; a0 < served; a0 = a1) {
       const int64_t e = a_e[a0];
-      for (a1 = a0 + 1; a1 < served && a_e[a1] == e; ++a1) {
-      }
+      a1 = run_end(a_e, served, a0);
       const act_rows in = {xg + a0 * D, xgs + a0 * D, xgb + a0 * D};
       if (m->w_gate) product(kind, in, a1 - a0, D, (const char *)m->w_gate + e * F * D * es, lo, hi, g + a0 * F, F);
       product(kind, in, a1 - a0, D, (const char *)m->w_up + e * F * D * es, lo, hi, u + a0 * F, F);
@@ -321,8 +327,7 @@ int llmkit_moe_decode(const llmkit_moe *m) {
     share(D, 1, t, T, &lo, &hi);
     for (int64_t a0 = 0, a1; a0 < served; a0 = a1) {
       const int64_t e = a_e[a0];
-      for (a1 = a0 + 1; a1 < served && a_e[a1] == e; ++a1) {
-      }
+      a1 = run_end(a_e, served, a0);
       const act_rows h = {g + a0 * F, hs + a0 * F, hb + a0 * F};
       product(kind, h, a1 - a0, F, (const char *)m->w_down + e * D * F * es, lo, hi, yd + a0 * D, D);
     }
