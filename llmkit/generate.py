@@ -168,6 +168,7 @@ def _graph_backend(model: Any) -> Any:
     return default_registry().backend(model.plan.target.backend)
 
 
+@torch.no_grad()  # generation is not differentiable; with autograd on, a prefill would record its graph
 def generate(
     model: Any,
     input_ids: torch.Tensor | Sequence[Sequence[int]],

@@ -39,6 +39,19 @@ def test_greedy_generation_equals_argmax_of_full_forwards(reg, name) -> None:
     torch.testing.assert_close(model.generate(ids, 12), greedy_by_full_forward(model, ids, 12), rtol=0, atol=0)
 
 
+def test_generation_records_no_autograd_graph(reg) -> None:
+    """The parameters require grad (a model can be trained); the prefill and the steps of a
+    generation run without autograd, as transformers' generate does: no graph, no saved
+    activations, and impls may take their inference-only kernels."""
+    model = tiny(reg, "tiny-llama-3.1-8b")
+    assert all(p.requires_grad for p in model.parameters())
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda module, args, out: seen.append((torch.is_grad_enabled(), out.grad_fn)))
+    model.generate(torch.randint(0, model.spec.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3)), 3)
+    assert len(seen) == 3 * len(model.layers) and seen == [(False, None)] * len(seen)
+
+
 @pytest.mark.parametrize("name", ["tiny-llama-3-8b", "tiny-gemma-7b"])  # untied and tied heads
 def test_last_only_logits_are_the_last_row_of_the_full_forward(reg, name) -> None:
     model = tiny(reg, name)
