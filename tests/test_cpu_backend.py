@@ -28,6 +28,7 @@ from llmkit.testing import bind_reference
 from llmkit_backend_cpu import attention as cpu_attention
 from llmkit_backend_cpu import kernels, quant
 from llmkit_backend_cpu import moe as cpu_moe
+from llmkit_blocks import moe as moe_blocks
 
 REG = default_registry()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -172,7 +173,9 @@ MOE = {"d_model": 32, "n_experts": 8, "top_k": 2, "hidden": 48}
     {"capacity_factor": 0.5},
 ], ids=lambda e: ",".join(e) or "mixtral")
 @pytest.mark.parametrize("tokens", [1, 3, 64])
-def test_moe_grouped(dtype, extra, tokens) -> None:
+def test_moe_grouped(dtype, extra, tokens, monkeypatch) -> None:
+    together = []
+    monkeypatch.setattr(cpu_moe, "_experts_together", lambda *a: together.append(a[3]) or _experts_together(*a))
     blocks = _blocks("moe", {**MOE, **extra}, dtype, "grouped")
     if "correction_bias" in extra:
         for b in blocks:
@@ -180,11 +183,15 @@ def test_moe_grouped(dtype, extra, tokens) -> None:
     x = torch.randn(2, tokens, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
     exact, naive, under = blocks
     # at 1 token a row (2 in all) the layer is moe_decode's; at 3 (6 in all) the active experts'
-    # products are the GEMV kernel's
+    # products are the GEMV kernel's; at 64 (128) one moe_experts call takes every expert's slice
     assert under._cpu_gemv == (dtype in (torch.float32, torch.bfloat16))
     with torch.no_grad():
         got, nv = under(x), naive(x)
         ex = exact(x.double())
+    prefill = tokens == 64 and under._cpu_gemv and not (dtype == torch.bfloat16 and quant.WIDEN_BF16)
+    assert len(together) == prefill
+    assert all(len(chosen) >= 2 and all(end - start > cpu_moe.GEMV_MAX_ROWS for _, start, end in chosen)
+               for chosen in together)
     # the PyTorch path routes exactly as the naive reference in the same dtype (the same routing
     # code); moe_decode routes in float32, here as float64 does
     same = exact if under._cpu_gemv and tokens == 1 else naive
@@ -302,6 +309,7 @@ def test_moe_decode_kernel_is_the_layer_against_float64(path, extra, tokens, mon
 
 
 _decode = cpu_moe._decode
+_experts_together = cpu_moe._experts_together
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -372,6 +380,88 @@ def test_moe_decode_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() 
         call(n_group=3, topk_group=1)
     with pytest.raises(RuntimeError, match=r"activation 4 \(0 silu, 1 gelu, 2 gelu_tanh, 3 relu\)"):
         call(activation=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("extra", [
+    {}, {"activation": "gelu_tanh", "expert_bias": True}, {"activation": "gelu", "expert_bias": True},
+    {"gated": False, "expert_bias": True, "activation": "relu"},
+], ids=lambda e: ",".join(e) or "mixtral")
+def test_moe_experts_kernel_is_each_expert_against_float64(dtype, extra) -> None:
+    """`llmkit_cpu::moe_experts`: each group of rows through its expert (any order of experts, an
+    empty group, one row, groups split over the threads), under the precision rule against the
+    float64 expert and beside the catalogue's expert in the same dtype."""
+    exact, naive, under = _blocks("moe", {**MOE_DECODE, **extra}, dtype, "grouped", seed=7)
+    experts, counts = [5, 0, 2, 7, 3], [9, 1, 0, 17, 6]
+    x = torch.randn(sum(counts), 40, generator=torch.Generator().manual_seed(8)).to(dtype)
+    c = under.config
+    none = torch.empty(0)
+    with torch.no_grad():
+        got = torch.ops.llmkit_cpu.moe_experts.default(
+            x, torch.tensor(experts), torch.tensor(counts), under.w_gate if c.gated else none, under.w_up,
+            under.w_down, under.b_gate if c.gated and c.expert_bias else none,
+            under.b_up if c.expert_bias else none, under.b_down if c.expert_bias else none,
+            cpu_moe._ACTIVATION[c.activation])
+        assert got.dtype == dtype and got.shape == x.shape
+        start = 0
+        for e, n in zip(experts, counts):
+            rows = slice(start, start + n)
+            if n:
+                _check(got[rows], moe_blocks.expert(naive, e, x[rows]),
+                       moe_blocks.expert(exact, e, x[rows].double()), dtype)
+            start += n
+
+
+def test_moe_experts_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() -> None:
+    assert kernels.ready()
+    under = _blocks("moe", MOE_DECODE, torch.float32, "grouped")[2]
+    none = torch.empty(0)
+    args = [torch.randn(5, 40), torch.tensor([1, 4]), torch.tensor([2, 3]), under.w_gate, under.w_up, under.w_down,
+            none, none, none, 0]
+
+    def call(**change: Any) -> None:
+        names = ["x", "experts", "counts", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "activation"]
+        torch.ops.llmkit_cpu.moe_experts.default(*[change.get(n, a) for n, a in zip(names, args)])
+
+    with pytest.raises(RuntimeError, match="moe_experts: x must be a contiguous 2-d CPU float32 or bfloat16 tensor"):
+        call(x=args[0].double())
+    with pytest.raises(RuntimeError, match=r"moe_experts: w_down must be a contiguous 3-d CPU bfloat16 \(as x is\)"):
+        call(x=args[0].bfloat16(), w_gate=under.w_gate.bfloat16(), w_up=under.w_up.bfloat16())
+    with pytest.raises(RuntimeError, match=r"moe_experts: counts must have shape \[2\], got \[3\]"):
+        call(counts=torch.tensor([1, 2, 2]))
+    with pytest.raises(RuntimeError, match=r"experts\[1\] = 8 \(0..7\) with counts\[1\] = 3 \(>= 0\) expected"):
+        call(experts=torch.tensor([1, 8]))
+    with pytest.raises(RuntimeError, match=r"the counts must sum to x's 5 rows \(they sum to 4\)"):
+        call(counts=torch.tensor([2, 2]))
+    with pytest.raises(RuntimeError, match=r"b_up must have shape \[8, 72\] \(or be empty: absent\)"):
+        call(b_up=torch.zeros(8, 40))
+    with pytest.raises(RuntimeError, match="activation 4 must be 0 silu, 1 gelu, 2 gelu_tanh or 3 relu"):
+        call(activation=4)
+
+
+@pytest.mark.parametrize("threads, counts, together", [
+    (2, [130, 120, 140, 4, 0, 125, 110, 5], [2, 0, 5, 1, 6, 7]),  # 4 rows: the GEMV kernel's
+    (2, [600, 10, 12, 30, 0, 0, 0, 0], [3, 2, 1]),  # 600 rows on both threads; 30 of 52 left: kept
+    (2, [300, 290, 10, 0, 0, 0, 0, 0], [0, 1, 2]),
+    (4, [300, 100, 100, 100, 100, 100, 0, 0], [1, 2, 3, 4, 5]),
+    (4, [300, 290, 100, 0, 0, 0, 0, 0], []),  # each in turn more than 1.2 shares of what is left
+    (1, [600, 10, 12, 30, 0, 0, 0, 0], [0, 3, 2, 1]),
+])
+def test_moe_prefill_spreads_the_experts_over_the_threads_unless_one_outweighs_a_share(threads, counts,
+                                                                                     together) -> None:
+    under = _blocks("moe", MOE, torch.float32, "grouped")[2]
+    slices, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            slices.append((e, start, start + n))
+        start += n
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        chosen = cpu_moe._together(under, torch.empty(1, 32), slices)
+    finally:
+        torch.set_num_threads(before)
+    assert [e for e, _, _ in chosen] == together
 
 
 def test_moe_grouped_takes_pytorch_gemms_where_the_kernels_cannot_be_built(monkeypatch) -> None:
@@ -540,6 +630,21 @@ def test_decode_sized_products_take_the_gemv_kernel(dtype, kind, config, monkeyp
             _check(got.detach(), naive(x, *args), exact(x.double(), *want), dtype)
         used = used and d * config.get("hidden", config.get("vocab_size")) >= quant.GEMV_MIN_WEIGHTS[dtype]
         assert bool(calls) == used and len(calls) in ((3 if config.get("gated", True) else 2) if kind == "mlp" else 1, 0)
+
+
+@pytest.mark.parametrize("kind, impl, config", [("mlp", "linear", {"d_model": 64, "hidden": 1024}),
+                                                 ("moe", "grouped", {**MOE, "hidden": 2048})], ids=["mlp", "moe"])
+def test_a_block_converted_to_float64_after_binding_leaves_the_float32_kernels(kind, impl, config) -> None:
+    """Bound in float32 (its products prepared for the kernels), then `.double()` (as an oracle copy
+    of a model is made): every token count runs PyTorch's float64 products instead of handing
+    float64 operands to a float32 kernel."""
+    exact, _, under = _blocks(kind, config, torch.float32, impl)
+    assert under._cpu_gemv
+    under.double()
+    for tokens in (1, 3, 64):
+        x = torch.randn(2, tokens, config["d_model"], generator=torch.Generator().manual_seed(tokens)).double()
+        with torch.no_grad():
+            torch.testing.assert_close(under(x), exact(x), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -20,13 +20,16 @@ cpu.grouped's experts), and cpu.grouped's whole layer at decode.
 - moe_decode (moe.c): a whole moe@1 layer (routing, the active experts with gemv's row kernels,
   the weighted sum) for a few tokens in one call, where PyTorch operations on cold caches cost as
   much as the weights' distance to the roofline.
+- moe_experts (ops.cpp): at prefill, several experts' slices of tokens spread over the threads, one
+  expert per thread at a time, each product PyTorch's GEMM on that thread (through the shim's
+  mm/addmm), the activation moe.c's.
 
 They are C (AVX2, FMA and F16C intrinsics, OpenMP over blocks of output rows; gemv.h holds the
 row kernels gemv.c and moe.c share); ops.cpp makes them the CPU kernels of the dispatcher ops
-`llmkit_cpu::linear_w4a8`, `llmkit_cpu::linear_f16`, `llmkit_cpu::gemv` and
-`llmkit_cpu::moe_decode` through libtorch's stable C API, so that eager calls and compiled decode
-steps reach them without passing through Python (the schemas and the fake impls, which give
-inductor the output shape, are defined here). The sources are compiled together with the C++
+`llmkit_cpu::linear_w4a8`, `llmkit_cpu::linear_f16`, `llmkit_cpu::gemv`,
+`llmkit_cpu::moe_decode` and `llmkit_cpu::moe_experts` through libtorch's stable C API, so that
+eager calls and compiled decode steps reach them without passing through Python (the schemas and
+the fake impls, which give inductor the output shape, are defined here). The sources are compiled together with the C++
 compiler (`$CXX`, default `c++`) at the first use, against the running torch's headers and
 libtorch_cpu, and cached under `${XDG_CACHE_HOME:-~/.cache}/llmkit/cpu-kernels/`, named by a hash
 of the sources and headers, flags, compiler and torch build.
@@ -122,6 +125,17 @@ def _moe_decode_fake(x: torch.Tensor, router: torch.Tensor, correction_bias: tor
             x.new_empty((), dtype=torch.bool))
 
 
+def _moe_experts_fake(x: torch.Tensor, *operands: object) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+MOE_EXPERTS_SCHEMA = (
+    "moe_experts(Tensor x, Tensor experts, Tensor counts, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor b_gate, "
+    "Tensor b_up, Tensor b_down, int activation) -> Tensor"
+)
+"""y [m, d]: the rows x [m, d] of several experts, expert experts[j] taking the next counts[j], each
+through its expert (before any routing weight); operands and activation as moe_decode's (ops.cpp)."""
+
 MOE_DECODE_SCHEMA = (
     "moe_decode(Tensor x, Tensor router, Tensor correction_bias, Tensor w_gate, Tensor w_up, Tensor w_down, "
     "Tensor b_gate, Tensor b_up, Tensor b_down, int top_k, int scoring, int n_group, int topk_group, "
@@ -150,8 +164,9 @@ def register_ops() -> torch.library.Library:
     float16) -> y [M, N] float32` (`f16_tiles`), and `llmkit_cpu::gemv(x [M, K] float32, w [N, K]
     float32 or bfloat16; or both bfloat16) -> y [M, N] float32` (any w as stored), and
     `llmkit_cpu::moe_decode` (`MOE_DECODE_SCHEMA`; operands in ops.cpp, formula in moe.c), and
-    register their kernels. Done at the first use, not at import: a fake impl imports torch's tracing
-    machinery (~140 MiB of RSS), which plugin discovery should not pay."""
+    `llmkit_cpu::moe_experts` (`MOE_EXPERTS_SCHEMA`), and register their kernels. Done at the
+    first use, not at import: a fake impl imports torch's tracing machinery (~140 MiB of RSS),
+    which plugin discovery should not pay."""
     if why := unavailable("w4a8/fp16"):
         raise RuntimeError(why)
     if _library().llmkit_cpu_register():
@@ -161,10 +176,12 @@ def register_ops() -> torch.library.Library:
     lib.define("linear_f16(Tensor x, Tensor w) -> Tensor")
     lib.define("gemv(Tensor x, Tensor w) -> Tensor")
     lib.define(MOE_DECODE_SCHEMA)
+    lib.define(MOE_EXPERTS_SCHEMA)
     for name in ("linear_w4a8", "linear_f16"):
         torch.library.register_fake(f"llmkit_cpu::{name}", _linear_fake, lib=lib)
     torch.library.register_fake("llmkit_cpu::gemv", _gemv_fake, lib=lib)
     torch.library.register_fake("llmkit_cpu::moe_decode", _moe_decode_fake, lib=lib)
+    torch.library.register_fake("llmkit_cpu::moe_experts", _moe_experts_fake, lib=lib)
     return lib
 
 

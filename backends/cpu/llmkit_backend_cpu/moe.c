@@ -126,6 +126,25 @@ static inline __m256 activate8(int activation, __m256 v) {
   return _mm256_loadu_ps(lanes);
 }
 
+void llmkit_moe_activate(int activation, int bf16, int64_t n, void *g, const void *u) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = activate8(activation, load8(g, i, bf16));
+    if (u) v = _mm256_mul_ps(v, load8(u, i, bf16));
+    if (bf16)
+      store_bf16((uint16_t *)g + i, v);
+    else
+      _mm256_storeu_ps((float *)g + i, v);
+  }
+  for (; i < n; ++i) {
+    const float v = activate(activation, load1(g, i, bf16)) * (u ? load1(u, i, bf16) : 1.0f);
+    if (bf16)
+      ((uint16_t *)g)[i] = to_bf16(v);
+    else
+      ((float *)g)[i] = v;
+  }
+}
+
 /* One assignment's hidden activations over [lo, hi): g (the gate's products; replaced by the
  * hidden values) and u (the up ones) of expert e, plus their biases; also rounded to bfloat16 into
  * hb for vdpbf16ps (kind DP). */

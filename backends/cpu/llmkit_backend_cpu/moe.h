@@ -33,6 +33,11 @@ typedef struct {
  * (the routing outputs are written, out is not; moe.c). */
 int llmkit_moe_decode(const llmkit_moe *m);
 
+/* moe_experts' hidden values (ops.cpp): g[i] = act(g[i]) * u[i] for i < n, computed in float32
+ * and rounded once where g and u are bfloat16 (else float32); act(g[i]) alone where u is NULL
+ * (ungated experts). activation as llmkit_moe's. */
+void llmkit_moe_activate(int activation, int bf16, int64_t n, void *g, const void *u);
+
 #ifdef __cplusplus
 }
 #endif

@@ -181,13 +181,13 @@ GEMV_MIN_WEIGHTS = {torch.float32: 65536, torch.bfloat16: 16384}
 2 threads, AVX-512 EPYC; a matrix called in a loop, so in cache: float32 128 x 256 took 4.1 us with
 it against 5.0 with the kernel, 256 x 256 5.8 against 5.9, 192 x 576 9.3 against 6.9; bfloat16
 128 x 256 13.8 against 4.1; a 64 x 128 float32 weight 1.9 against 3.0 even cycling through 200)."""
-_GEMV_DTYPES = (torch.float32, torch.bfloat16)
+GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def prepare_gemv(block: Any, target: Target) -> None:
     """`prepare` step: whether this block's unpacked products may use the GEMV kernel (a float32
     or bfloat16 block on a real device where the kernels build; built here at the first bind)."""
-    block._cpu_gemv = target.device != "meta" and target.dtype in _GEMV_DTYPES and kernels.ready()
+    block._cpu_gemv = target.device != "meta" and target.dtype in GEMV_DTYPES and kernels.ready()
 
 
 def gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -204,8 +204,8 @@ def gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
 def _gemv_fits(block: Any, x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `gemv_linear` serves this product (`prepare_gemv`, `GEMV_MAX_ROWS`,
     `GEMV_MIN_WEIGHTS`, no autograd)."""
-    return (block.__dict__.get("_cpu_gemv", False) and x.dtype == w.dtype
-            and w.numel() >= GEMV_MIN_WEIGHTS.get(w.dtype, 0) and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
+    return (block.__dict__.get("_cpu_gemv", False) and x.dtype == w.dtype in GEMV_DTYPES
+            and w.numel() >= GEMV_MIN_WEIGHTS[w.dtype] and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
             and not torch.is_grad_enabled())
 
 
