@@ -44,10 +44,18 @@ class LayerCache:
         self, positions: torch.Tensor, **new: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Append T tokens ([B, T, ...] each, positions [B, T]); return cached+new and their positions."""
+        full, full_pos = self.extend_stored(positions, **new)
+        return {k: v.to(new[k].dtype) for k, v in full.items()}, full_pos
+
+    def extend_stored(
+        self, positions: torch.Tensor, **new: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """`extend`, with cached+new in the storage dtype, for a block that converts them itself:
+        a float16 cache under a bfloat16 model read straight into float32 sums skips a float16 ->
+        bfloat16 conversion, which inductor's generated CPU loops ran ~9x slower than the read."""
         if self.dtype is None:
             return self._extend(positions, new)
-        full, full_pos = self._extend(positions, {k: v.to(self.dtype) for k, v in new.items()})
-        return {k: v.to(new[k].dtype) for k, v in full.items()}, full_pos
+        return self._extend(positions, {k: v.to(self.dtype) for k, v in new.items()})
 
     def _extend(
         self, positions: torch.Tensor, new: dict[str, torch.Tensor]

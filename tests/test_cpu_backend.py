@@ -106,6 +106,40 @@ def test_chunk_boundaries_and_long_positions(monkeypatch, impl, t) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl, decode", [("sdpa", "sdpa"), ("sdpa", "gemm"), ("sdpa", "fused"), ("flash", None)])
+@pytest.mark.parametrize("static", [False, True])
+def test_a_half_precision_cache_read_straight_into_float32_gives_what_the_models_dtype_gives(
+        monkeypatch, dtype, impl, decode, static) -> None:
+    """The cpu impls take a float16 cache's keys and values in its storage dtype
+    (`extend_stored`) and convert them themselves: bitwise the output of the same impl reading
+    them through `extend` (converted back to the model's dtype first), for the prefill and each
+    decode path."""
+    if decode != "sdpa":
+        monkeypatch.setattr(cpu_attention, "_DECODE_GEMM_KEYS", 0)
+    if decode == "fused":
+        real = cpu_attention._decode
+        monkeypatch.setattr(cpu_attention, "_decode", lambda *a, **kw: real(*a, **{**kw, "compiled": True}))
+    base = StaticLayerCache if static else LayerCache
+
+    class ModelDtype(base):  # the cache as `extend` hands it out: back in the dtype it came in
+        def extend_stored(self, positions, **new):
+            full, full_pos = super().extend_stored(positions, **new)
+            return {k: v.to(new[k].dtype) for k, v in full.items()}, full_pos
+
+    under = _blocks("attention", {**ATTN, "n_kv_heads": 2}, dtype, impl)[2]
+    x = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    outs = []
+    for cls in (base, ModelDtype):
+        cache = cls(40, dtype=torch.float16) if static else cls(dtype=torch.float16)
+        with torch.no_grad():
+            steps = [under(x[:, :30], torch.arange(30)[None], cache)]
+            steps += [under(x[:, t:t + 1], torch.tensor([[t]]), cache) for t in range(30, 40)]
+        assert cache.tensors["k"].dtype == torch.float16
+        outs.append(torch.cat(steps, 1))
+    assert outs[0].dtype == dtype and torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", ["sdpa", "flash"])
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("static", [False, True])

@@ -41,11 +41,15 @@ _MASK_ELEMENTS = 1 << 24
 
 def _project(block: Any, x: torch.Tensor, pos: torch.Tensor,
              cache: LayerCache | None) -> tuple[torch.Tensor, ...]:
-    """q [B, H, T, D], k and v [B, Hkv, S, D] (cached + new) and key positions [B, S]."""
+    """q [B, H, T, D], k and v [B, Hkv, S, D] (cached + new, in the cache's storage dtype: the
+    callers convert them, `_decode` and `flash_attend` straight to their float32 sums) and key
+    positions [B, S]. The values the cache gives back are the model's own, rounded to the storage
+    dtype, so converting them straight to float32 gives what converting them to the model's
+    dtype first gives (bar values beyond a float16 cache's range under a bfloat16 model)."""
     q, k, v = _attn.project(block, x, pos, grouped(block, _QKV, x))
     k_pos = pos
     if cache is not None:
-        full, k_pos = cache.extend(pos, k=k, v=v)
+        full, k_pos = cache.extend_stored(pos, k=k, v=v)
         k, v = full["k"], full["v"]
     return q, k.transpose(1, 2), v.transpose(1, 2), k_pos
 
@@ -69,6 +73,7 @@ def sdpa_forward(block: Any, x: torch.Tensor, positions: torch.Tensor,
         # inside a compiled step always: it has no data-dependent branch, which would break the graph
         o = _decode(q, k, v, pos, k_pos, scale, c.causal, c.window, compiled=compiling)
         return _attn.output(block, o, linear)
+    k, v = k.to(q.dtype), v.to(q.dtype)
     plain = c.causal and c.window is None and k.shape[2] == t and bool((pos >= 0).all())
     if plain and (t == 1 or bool((pos[:, 1:] > pos[:, :-1]).all())):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=scale, enable_gqa=gqa)
@@ -104,7 +109,7 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
     b, h, _, d = q.shape
     hkv = k.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)
-    out_dtype = v.dtype
+    out_dtype = q.dtype
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     qg = q.view(b, hkv, h // hkv, d)
     if compiled:
