@@ -483,7 +483,6 @@ def test_moe_experts_kernel_refuses_operands_it_cannot_read_with_what_is_wrong()
 ])
 def test_moe_prefill_spreads_the_experts_over_the_threads_unless_one_outweighs_a_share(threads, counts,
                                                                                      together) -> None:
-    under = _blocks("moe", MOE, torch.float32, "grouped")[2]
     slices, start = [], 0
     for e, n in enumerate(counts):
         if n:
@@ -492,7 +491,7 @@ def test_moe_prefill_spreads_the_experts_over_the_threads_unless_one_outweighs_a
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        chosen = cpu_moe._together(under, torch.empty(1, 32), slices)
+        chosen = cpu_moe._together(torch.empty(1, 32), slices)
     finally:
         torch.set_num_threads(before)
     assert [e for e, _, _ in chosen] == together

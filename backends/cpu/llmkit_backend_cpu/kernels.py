@@ -29,10 +29,11 @@ row kernels gemv.c and moe.c share); ops.cpp makes them the CPU kernels of the d
 `llmkit_cpu::linear_w4a8`, `llmkit_cpu::linear_f16`, `llmkit_cpu::gemv`,
 `llmkit_cpu::moe_decode` and `llmkit_cpu::moe_experts` through libtorch's stable C API, so that
 eager calls and compiled decode steps reach them without passing through Python (the schemas and
-the fake impls, which give inductor the output shape, are defined here). The sources are compiled together with the C++
-compiler (`$CXX`, default `c++`) at the first use, against the running torch's headers and
-libtorch_cpu, and cached under `${XDG_CACHE_HOME:-~/.cache}/llmkit/cpu-kernels/`, named by a hash
-of the sources and headers, flags, compiler and torch build.
+the fake impls, which give inductor the output shape, are defined here). The sources are compiled
+together with the C++ compiler (`$CXX`, default `c++`) at the first use, against the running
+torch's headers and libtorch_cpu, and cached under
+`${XDG_CACHE_HOME:-~/.cache}/llmkit/cpu-kernels/`, named by a hash of the sources and headers,
+flags, compiler and torch build.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def _decode(block: Any, h: torch.Tensor, capacity: int | None) -> tuple[torch.Te
         _ACTIVATION[c.activation])
 
 
-def _together(block: Any, h: torch.Tensor, slices: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+def _together(h: torch.Tensor, slices: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """The prefill-sized slices (more than `GEMV_MAX_ROWS` tokens) that `_experts_together` runs, one
     expert per thread, largest first: all but those too large to share, each taken out (and
     multiplied by all threads) while it alone holds more than `SHARE_SLACK` times a thread's share
@@ -133,7 +133,7 @@ def _grouped(block: Any, h: torch.Tensor, capacity: int | None, gemv: bool) -> t
         if count:
             slices.append((e, start, start + (count if capacity is None else min(count, capacity))))
         start += count
-    together = _experts_together(block, h, token, chosen) if gemv and (chosen := _together(block, h, slices)) else {}
+    together = _experts_together(block, h, token, chosen) if gemv and (chosen := _together(h, slices)) else {}
     out = torch.zeros_like(h)
     wide = quant.WIDEN_BF16 and h.dtype == torch.bfloat16
     for e, start, keep in slices:

@@ -54,11 +54,16 @@ extern "C" int llmkit_gemv_bf16x(const uint16_t *x, int64_t M, int64_t K, const 
 
 namespace {
 
-// The kernel owns its input handles (the dispatcher passes each tensor as a new handle).
+// A tensor handle the kernel owns and frees: an input (the dispatcher passes each tensor as a new
+// handle) or one the kernel made.
 struct Owned {
-  AtenTensorHandle handle;
+  AtenTensorHandle handle = nullptr;
+  Owned() = default;
+  explicit Owned(AtenTensorHandle h) : handle(h) {}
   explicit Owned(StableIValue value) : handle(reinterpret_cast<AtenTensorHandle>(value)) {}
-  ~Owned() { aoti_torch_delete_tensor_object(handle); }
+  ~Owned() {
+    if (handle) aoti_torch_delete_tensor_object(handle);
+  }
   Owned(const Owned &) = delete;
   Owned &operator=(const Owned &) = delete;
 };
@@ -296,19 +301,6 @@ void moe_decode(StableIValue *stack, uint64_t, uint64_t) {
   for (int i = 0; i < 7; ++i) stack[i] = reinterpret_cast<StableIValue>(outs[i]);
 }
 
-
-// A tensor handle the kernel made and frees.
-struct Handle {
-  AtenTensorHandle handle = nullptr;
-  Handle() = default;
-  explicit Handle(AtenTensorHandle h) : handle(h) {}
-  ~Handle() {
-    if (handle) aoti_torch_delete_tensor_object(handle);
-  }
-  Handle(const Handle &) = delete;
-  Handle &operator=(const Handle &) = delete;
-};
-
 // A view of t's storage: sizes and strides (rank 1 or 2) from element `offset` on.
 AtenTensorHandle view(const char *op, AtenTensorHandle t, int64_t rank, const int64_t *sizes, const int64_t *strides,
                       int64_t offset) {
@@ -321,13 +313,13 @@ AtenTensorHandle view(const char *op, AtenTensorHandle t, int64_t rank, const in
 void product(const char *op, AtenTensorHandle out, AtenTensorHandle x, AtenTensorHandle w, int64_t N, int64_t K,
              int64_t offset, AtenTensorHandle b, int64_t boffset) {
   const int64_t sizes[2] = {K, N}, strides[2] = {1, K};
-  const Handle wt(view(op, w, 2, sizes, strides, offset));
+  const Owned wt(view(op, w, 2, sizes, strides, offset));
   if (!b) {
     check(aoti_torch_cpu_mm_out(out, x, wt.handle), op, "a product (mm)");
     return;
   }
   const int64_t bsize[1] = {N}, bstride[1] = {1};
-  const Handle bias(view(op, b, 1, bsize, bstride, boffset));
+  const Owned bias(view(op, b, 1, bsize, bstride, boffset));
   check(aoti_torch_cpu_addmm_out(out, bias.handle, x, wt.handle, 1.0, 1.0), op, "a product (addmm)");
 }
 
@@ -383,16 +375,16 @@ void moe_experts(StableIValue *stack, uint64_t, uint64_t) {
       if (rows == 0 || failed.load()) continue;
       try {
         const int64_t sizes[2] = {rows, d}, strides[2] = {d, 1}, hidden_sizes[2] = {rows, f};
-        const Handle xj(view(op, x.handle, 2, sizes, strides, offset[j] * d)),
+        const Owned xj(view(op, x.handle, 2, sizes, strides, offset[j] * d)),
             yj(view(op, y, 2, sizes, strides, offset[j] * d)), up(empty(op, 2, hidden_sizes, dtype));
         product(op, up.handle, xj.handle, w_up.handle, f, d, ej * f * d, has_bu ? b_up.handle : nullptr, ej * f);
-        Handle gate;
+        Owned gate;
         if (gated) {
           gate.handle = empty(op, 2, hidden_sizes, dtype);
           product(op, gate.handle, xj.handle, w_gate.handle, f, d, ej * f * d, has_bg ? b_gate.handle : nullptr,
                   ej * f);
         }
-        const Handle &hidden = gated ? gate : up;
+        const Owned &hidden = gated ? gate : up;
         llmkit_moe_activate(static_cast<int>(activation), bf16, rows * f, data(op, hidden.handle),
                             gated ? data(op, up.handle) : nullptr);
         product(op, yj.handle, hidden.handle, w_down.handle, d, f, ej * d * f, has_bd ? b_down.handle : nullptr,
