@@ -155,9 +155,7 @@ def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
     h = x.reshape(-1, c.d_model)
     n = h.shape[0]
     capacity = None if c.capacity_factor is None else math.ceil(c.capacity_factor * n * c.top_k / c.n_experts)
-    # the kernels' dtypes; a block bound in one of them may have been converted since (.double())
-    gemv = (block.__dict__.get("_cpu_gemv", False) and not torch.is_grad_enabled()
-            and h.dtype == block.w_up.dtype == block.router.dtype and h.dtype in quant.GEMV_DTYPES)
+    gemv = quant.gemv_ready(block, h, block.w_up, block.router)
     jitter = block.training and c.jitter > 0  # route's noise on the router's input
     decoded = gemv and 0 < n <= GEMV_MAX_ROWS and not jitter
     if decoded:

@@ -201,12 +201,19 @@ def gemv_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
     return y if b is None else y + b
 
 
+def gemv_ready(block: Any, x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether this plugin's kernels may multiply x by the block's `weights` now: `prepare_gemv`
+    allowed it, no autograd, and x and the weights in one of the kernels' dtypes (a block bound in
+    one may have been converted since, as `.double()` makes an oracle copy)."""
+    return (block.__dict__.get("_cpu_gemv", False) and not torch.is_grad_enabled() and x.dtype in GEMV_DTYPES
+            and all(w.dtype == x.dtype for w in weights))
+
+
 def _gemv_fits(block: Any, x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `gemv_linear` serves this product (`prepare_gemv`, `GEMV_MAX_ROWS`,
-    `GEMV_MIN_WEIGHTS`, no autograd)."""
-    return (block.__dict__.get("_cpu_gemv", False) and x.dtype == w.dtype in GEMV_DTYPES
-            and w.numel() >= GEMV_MIN_WEIGHTS[w.dtype] and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled())
+    """Whether `gemv_linear` serves this product (`gemv_ready`, `GEMV_MAX_ROWS`,
+    `GEMV_MIN_WEIGHTS`)."""
+    return (gemv_ready(block, x, w) and w.numel() >= GEMV_MIN_WEIGHTS[w.dtype]
+            and x.numel() <= GEMV_MAX_ROWS * x.shape[-1])
 
 
 def small(x: torch.Tensor) -> bool:
