@@ -264,10 +264,11 @@ def test_gemv_kernel_is_x_times_the_weights_in_float32(rows, k, n, dtype) -> Non
 
 @pytest.mark.parametrize("native", [True, False], ids=["vdpbf16ps", "widened"])
 @pytest.mark.parametrize("rows, k, n", [(1, 1, 1), (2, 31, 5), (3, 1024, 3584), (4, 3584, 1027), (5, 200, 9),
-                                         (1, 1050, 12)])
+                                         (1, 1050, 12), (2, 100, 8), (8, 96, 13), (4, 40, 4)])
 def test_gemv_kernel_with_bfloat16_x_is_the_product_in_float32(rows, k, n, native) -> None:
-    """x and w both bfloat16: AVX512_BF16's vdpbf16ps where the CPU has it (steps of 128 and 32
-    channels, the scalar tail), else x widened and the float32-x path; float64 is the oracle."""
+    """x and w both bfloat16: AVX512_BF16's vdpbf16ps where the CPU has it (single rows of W in
+    steps of 128 and 32 channels; 2-8 rows of x over groups of 4 rows of W in steps of 64 and 32;
+    the scalar tails), else x widened and the float32-x path; float64 is the oracle."""
     assert kernels.ready()
     library = kernels._library()
     if library.llmkit_gemv_native_bf16(int(native)) != native:
