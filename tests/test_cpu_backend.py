@@ -247,18 +247,27 @@ def _assert_float32_sums(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) ->
     assert ((got.double() - want).abs() <= bound + 1e-30).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", ["float32-avx512", "float32-avx2", "bfloat16"])
 @pytest.mark.parametrize("rows, k, n", [(1, 1, 1), (2, 7, 5), (3, 1024, 3584), (4, 3584, 1027), (5, 48, 9),
-                                         (1, 1050, 12), (2, 16, 4)])
-def test_gemv_kernel_is_x_times_the_weights_in_float32(rows, k, n, dtype) -> None:
+                                         (1, 1050, 12), (2, 16, 4), (3, 1050, 12), (8, 100, 13)])
+def test_gemv_kernel_is_x_times_the_weights_in_float32(rows, k, n, path) -> None:
     """`llmkit_cpu::gemv` against float64: the weights as stored (bfloat16 widened exactly), float32
     sums (rows of x in pairs and a single one, whole steps of 32 channels, bfloat16's split blocks
-    of 16 channels and the scalar tail)."""
+    of 16 channels and the scalar tail; float32 with 4+ rows on a CPU with AVX-512F: groups of 4
+    rows of W in steps of 32 and 16 channels, the rows after the last group as without it)."""
+    dtype = torch.bfloat16 if path == "bfloat16" else torch.float32
     gen = torch.Generator().manual_seed(k + n)
     w = (torch.randn(n, k, generator=gen) * torch.linspace(0.01, 3, n)[:, None]).to(dtype)
     x = torch.randn(rows, k, generator=gen)
     assert kernels.ready()
-    got = torch.ops.llmkit_cpu.gemv.default(x, w)
+    library = kernels._library()
+    avx512 = path == "float32-avx512"
+    if library.llmkit_gemv_avx512(int(avx512)) != avx512:
+        pytest.skip("this CPU has no AVX-512F")
+    try:
+        got = torch.ops.llmkit_cpu.gemv.default(x, w)
+    finally:
+        library.llmkit_gemv_avx512(1)
     _assert_float32_sums(got, x, w)
 
 
@@ -302,7 +311,7 @@ def test_gemv_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() -> Non
 MOE_DECODE = {"d_model": 40, "n_experts": 8, "top_k": 2, "hidden": 72}  # 40, 72: whole steps, split blocks, tails
 
 
-@pytest.mark.parametrize("path", ["float32", "bfloat16-vdpbf16ps", "bfloat16-widened"])
+@pytest.mark.parametrize("path", ["float32", "float32-avx2", "bfloat16-vdpbf16ps", "bfloat16-widened"])
 @pytest.mark.parametrize("extra", [
     {}, {"renormalize": "none", "activation": "gelu_tanh"},
     {"scoring": "sigmoid", "correction_bias": True, "n_group": 4, "topk_group": 2, "routed_scaling": 2.5},
@@ -314,11 +323,12 @@ def test_moe_decode_kernel_is_the_layer_against_float64(path, extra, tokens, mon
     """A few tokens: the whole layer is one `llmkit_cpu::moe_decode` call, which routes as the
     float64 reference (no near-ties here), with its weights and counts, and whose output passes the
     precision rule; logits are float32 sums and scores their softmax or sigmoid."""
-    dtype = torch.float32 if path == "float32" else torch.bfloat16
+    dtype = torch.float32 if path.startswith("float32") else torch.bfloat16
     library = kernels._library() if kernels.ready() else None
     native = path.endswith("vdpbf16ps")
     if dtype == torch.bfloat16 and library.llmkit_gemv_native_bf16(int(native)) != native:
         pytest.skip("this CPU has no AVX512_BF16")
+    library.llmkit_gemv_avx512(int(path != "float32-avx2"))
     calls = []
     monkeypatch.setattr(cpu_moe, "_decode", lambda *a: calls.append(1) or _decode(*a))
     exact, naive, under = _blocks("moe", {**MOE_DECODE, **extra}, dtype, "grouped", seed=tokens)
@@ -331,6 +341,7 @@ def test_moe_decode_kernel_is_the_layer_against_float64(path, extra, tokens, mon
             got, nv, ex = under(x), naive(x), exact(x.double())
     finally:
         library.llmkit_gemv_native_bf16(1)
+        library.llmkit_gemv_avx512(1)
     assert calls == [1]
     r, want = under.routing, exact.routing
     assert torch.equal(r.selected, want.selected) and torch.equal(r.tokens_per_expert, want.tokens_per_expert)

@@ -103,11 +103,12 @@ static inline void share(int64_t n, int64_t align, int t, int T, int64_t *lo, in
   *hi = t == T - 1 || b > n ? n : b;
 }
 
-/* The vdpbf16ps path needs a compiler that knows AVX512_BF16 (GCC 10, Clang 9); with an older one
- * the library still builds, without it. */
+/* The AVX-512 paths (vdpbf16ps; float32 in groups of 4 rows) need a compiler that knows AVX512_BF16
+ * (GCC 10, Clang 9); with an older one the library still builds, without them. */
 #if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
-#define HAVE_NATIVE_BF16 1
+#define HAVE_AVX512 1
 #define NATIVE_BF16 __attribute__((target("avx512f,avx512bf16")))
+#define AVX512F __attribute__((target("avx512f")))
 
 /* row with bfloat16 x and X = 1..4 rows of it in one pass (AVX-512 has the registers for 16
  * accumulators): 128 channels a step into 4 accumulators per row of x (with two or more rows, a
@@ -176,6 +177,44 @@ static inline NATIVE_BF16 __attribute__((always_inline)) void rows4_dp(const uin
     }
 }
 
+/* rows4_dp's float32 form (AVX-512F): 4 rows of W against X = 1..4 rows of x, 32 channels of x a
+ * step in registers, the next group prefetched in its memory order; then a step of 16 channels,
+ * then a scalar tail. */
+static inline AVX512F __attribute__((always_inline)) void rows4_f32(const float *x, int X, int64_t K, const float *w,
+                                                                     float *y, int64_t N) {
+  __m512 a[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < X; ++j) a[r][j] = _mm512_setzero_ps();
+  const char *next = (const char *)(w + 4 * K);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512 xv[4][2];
+    for (int j = 0; j < X; ++j)
+      for (int c = 0; c < 2; ++c) xv[j][c] = _mm512_loadu_ps(x + j * K + k + 16 * c);
+    for (int r = 0; r < 4; ++r) {
+      _mm_prefetch(next + 16 * k + 128 * r, _MM_HINT_T0);
+      _mm_prefetch(next + 16 * k + 128 * r + 64, _MM_HINT_T0);
+      for (int c = 0; c < 2; ++c) {
+        const __m512 wv = _mm512_loadu_ps(w + r * K + k + 16 * c);
+        for (int j = 0; j < X; ++j) a[r][j] = _mm512_fmadd_ps(xv[j][c], wv, a[r][j]);
+      }
+    }
+  }
+  if (k + 16 <= K) {
+    for (int r = 0; r < 4; ++r) {
+      const __m512 wv = _mm512_loadu_ps(w + r * K + k);
+      for (int j = 0; j < X; ++j) a[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * K + k), wv, a[r][j]);
+    }
+    k += 16;
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < X; ++j) {
+      float s = _mm512_reduce_add_ps(a[r][j]);
+      for (int64_t t = k; t < K; ++t) s += w[r * K + t] * x[j * K + t];
+      y[j * N + r] = s;
+    }
+}
+
 /* rows with bfloat16 x and W (defined in gemv.c). */
 NATIVE_BF16 void llmkit_rows_dp(const uint16_t *x, int64_t X, int64_t K, const uint16_t *w, int64_t lo, int64_t hi,
                                 float *y, int64_t ldy);
@@ -184,5 +223,10 @@ NATIVE_BF16 void llmkit_rows_dp(const uint16_t *x, int64_t X, int64_t K, const u
 /* Whether bfloat16 x times bfloat16 W takes the vdpbf16ps path (the CPU has AVX512_BF16, the
  * compiler built it, and tests have not turned it off); gemv.c. */
 int llmkit_native_bf16(void);
+
+/* rows with float32 x and W: with 4 or more rows of x on a CPU with AVX-512F, groups of 4 rows of W
+ * (rows4_f32), the rest as rows does (gemv.c). */
+void llmkit_rows_f32(const float *x, int64_t X, int64_t K, const float *w, int64_t lo, int64_t hi, float *y,
+                     int64_t ldy);
 
 #endif

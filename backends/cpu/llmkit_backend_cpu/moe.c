@@ -56,10 +56,10 @@ typedef struct {
 static void product(int kind, act_rows a, int64_t X, int64_t K, const void *w, int64_t lo, int64_t hi, float *y,
                     int64_t ldy) {
   if (kind == F32)
-    rows(a.x, a.x, X, K, w, lo, hi, y, ldy, 0);
+    llmkit_rows_f32(a.x, X, K, (const float *)w, lo, hi, y, ldy);
   else if (kind == WIDE)
     rows(a.x, a.xs, X, K, w, lo, hi, y, ldy, 1);
-#ifdef HAVE_NATIVE_BF16
+#ifdef HAVE_AVX512
   else
     llmkit_rows_dp(a.xb, X, K, (const uint16_t *)w, lo, hi, y, ldy);
 #endif
