@@ -397,6 +397,30 @@ def test_moe_decode_kernel_does_not_depend_on_the_thread_count(dtype) -> None:
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+@pytest.mark.parametrize("path", ["float32", "float32-avx2", "bfloat16-vdpbf16ps", "bfloat16-widened"])
+def test_moe_decode_kernel_with_four_tokens_on_the_same_two_experts(path) -> None:
+    """Four equal tokens: each of their two experts multiplies four rows of x (with AVX-512, the
+    row kernels' groups of 4 rows of W, their channel steps and the rows after the last group),
+    against float64 under the precision rule."""
+    dtype = torch.float32 if path.startswith("float32") else torch.bfloat16
+    assert kernels.ready()
+    library = kernels._library()
+    native = path.endswith("vdpbf16ps")
+    if dtype == torch.bfloat16 and library.llmkit_gemv_native_bf16(int(native)) != native:
+        pytest.skip("this CPU has no AVX512_BF16")
+    library.llmkit_gemv_avx512(int(path != "float32-avx2"))
+    exact, naive, under = _blocks("moe", {**MOE_DECODE, "d_model": 240, "hidden": 138}, dtype, "grouped")
+    x = torch.randn(1, 1, 240, generator=torch.Generator().manual_seed(5)).repeat(1, 4, 1).to(dtype)
+    try:
+        with torch.no_grad():
+            got, nv, ex = under(x), naive(x), exact(x.double())
+    finally:
+        library.llmkit_gemv_native_bf16(1)
+        library.llmkit_gemv_avx512(1)
+    assert sorted(under.routing.tokens_per_expert.tolist())[-2:] == [4, 4]
+    _check(got, nv, ex, dtype)
+
+
 def test_moe_decode_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() -> None:
     assert kernels.ready()
     under = _blocks("moe", MOE_DECODE, torch.float32, "grouped")[2]
