@@ -209,6 +209,8 @@ MOE = {"d_model": 32, "n_experts": 8, "top_k": 2, "hidden": 48}
 @pytest.mark.parametrize("tokens", [1, 3, 64])
 def test_moe_grouped(dtype, extra, tokens, monkeypatch) -> None:
     together = []
+    # the grouped path's branches at every size, whatever this CPU's moe_decode limit
+    monkeypatch.setattr(cpu_moe, "decode_max_tokens", lambda dtype: cpu_moe.GEMV_MAX_ROWS)
     monkeypatch.setattr(cpu_moe, "_experts_together", lambda *a: together.append(a[3]) or _experts_together(*a))
     blocks = _blocks("moe", {**MOE, **extra}, dtype, "grouped")
     if "correction_bias" in extra:
@@ -318,11 +320,12 @@ MOE_DECODE = {"d_model": 40, "n_experts": 8, "top_k": 2, "hidden": 72}  # 40, 72
     {"gated": False, "expert_bias": True, "activation": "relu"},
     {"expert_bias": True, "activation": "gelu", "top_k": 3}, {"capacity_factor": 0.5},
 ], ids=lambda e: ",".join(e) or "mixtral")
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 9, 16])
 def test_moe_decode_kernel_is_the_layer_against_float64(path, extra, tokens, monkeypatch) -> None:
     """A few tokens: the whole layer is one `llmkit_cpu::moe_decode` call, which routes as the
     float64 reference (no near-ties here), with its weights and counts, and whose output passes the
-    precision rule; logits are float32 sums and scores their softmax or sigmoid."""
+    precision rule; logits are float32 sums and scores their softmax or sigmoid. 9 and 16 tokens:
+    experts with more rows of x than one pass of the row kernels takes."""
     dtype = torch.float32 if path.startswith("float32") else torch.bfloat16
     library = kernels._library() if kernels.ready() else None
     native = path.endswith("vdpbf16ps")
@@ -331,6 +334,7 @@ def test_moe_decode_kernel_is_the_layer_against_float64(path, extra, tokens, mon
     library.llmkit_gemv_avx512(int(path != "float32-avx2"))
     calls = []
     monkeypatch.setattr(cpu_moe, "_decode", lambda *a: calls.append(1) or _decode(*a))
+    monkeypatch.setattr(cpu_moe, "decode_max_tokens", lambda dtype: 16)
     exact, naive, under = _blocks("moe", {**MOE_DECODE, **extra}, dtype, "grouped", seed=tokens)
     if "correction_bias" in extra:
         for b in (exact, naive, under):
@@ -379,6 +383,29 @@ def test_moe_decode_kernel_leaves_exact_ties_to_pytorchs_topk(dtype, ties, monke
     assert tied == [True]
     assert torch.equal(under.routing.selected, naive.routing.selected)
     torch.testing.assert_close(got, want)  # the experts' products are the GEMV kernel's there
+
+
+@pytest.mark.parametrize("capability, native, limits", [("AVX512", True, (512, 64)), ("AVX512", False, (512, 4)),
+                                                       ("AVX2", False, (4, 4))])
+def test_moe_decode_takes_more_tokens_where_the_row_kernels_take_several_rows(capability, native, limits,
+                                                                             monkeypatch) -> None:
+    """moe_decode's token limit: DECODE_MAX_TOKENS where the row kernels take several rows of x in
+    one pass (float32: AVX-512F; bfloat16: vdpbf16ps), GEMV_MAX_ROWS elsewhere; a call at the limit
+    takes the kernel, one token more the grouped path."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(quant, "WIDEN_BF16", not native)
+    cpu_moe.decode_max_tokens.cache_clear()
+    try:
+        assert (cpu_moe.decode_max_tokens(torch.float32), cpu_moe.decode_max_tokens(torch.bfloat16)) == limits
+        calls = []
+        monkeypatch.setattr(cpu_moe, "_decode", lambda *a: calls.append(a[1].shape[0]) or _decode(*a))
+        under = _blocks("moe", MOE_DECODE, torch.float32, "grouped")[2]
+        with torch.no_grad():
+            for n in (limits[0], limits[0] + 1):
+                under(torch.randn(1, n, 40, generator=torch.Generator().manual_seed(n)))
+        assert calls == [limits[0]]
+    finally:
+        cpu_moe.decode_max_tokens.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -169,18 +169,19 @@ static void hidden(const llmkit_moe *m, int kind, int64_t e, int64_t lo, int64_t
   }
 }
 
-/* out[r] over [lo, hi): the sum over token r's served assignments (expert a_e, token a_t, weight
- * a_w, down products yd [., d]), in their order, of weight * (down + b_down). */
-static void weighted_sum(const llmkit_moe *m, int64_t r, int64_t lo, int64_t hi, int64_t served, const int64_t *a_e,
-                         const int64_t *a_t, const float *a_w, const float *yd) {
+/* out[r] over [lo, hi): the sum over token r's `owned` served assignments `own` (in expert order;
+ * expert a_e, weight a_w, down products yd [., d]) of weight * (down + b_down). */
+static void weighted_sum(const llmkit_moe *m, int64_t r, int64_t lo, int64_t hi, const int64_t *own, int64_t owned,
+                         const int64_t *a_e, const float *a_w, const float *yd) {
   const int64_t D = m->d;
   int64_t i = lo;
   for (; i + 8 <= hi; i += 8) {
     __m256 sum = _mm256_setzero_ps();
-    for (int64_t a = 0; a < served; ++a)
-      if (a_t[a] == r)
-        sum = _mm256_fmadd_ps(_mm256_set1_ps(a_w[a]),
-                              _mm256_add_ps(_mm256_loadu_ps(yd + a * D + i), load8(m->b_down, a_e[a] * D + i, m->bf16)), sum);
+    for (int64_t q = 0; q < owned; ++q) {
+      const int64_t a = own[q];
+      sum = _mm256_fmadd_ps(_mm256_set1_ps(a_w[a]),
+                            _mm256_add_ps(_mm256_loadu_ps(yd + a * D + i), load8(m->b_down, a_e[a] * D + i, m->bf16)), sum);
+    }
     if (m->bf16)
       store_bf16((uint16_t *)m->out + r * D + i, sum);
     else
@@ -188,8 +189,10 @@ static void weighted_sum(const llmkit_moe *m, int64_t r, int64_t lo, int64_t hi,
   }
   for (; i < hi; ++i) {
     float sum = 0.0f;
-    for (int64_t a = 0; a < served; ++a)
-      if (a_t[a] == r) sum += a_w[a] * (yd[a * D + i] + (m->b_down ? load1(m->b_down, a_e[a] * D + i, m->bf16) : 0.0f));
+    for (int64_t q = 0; q < owned; ++q) {
+      const int64_t a = own[q];
+      sum += a_w[a] * (yd[a * D + i] + (m->b_down ? load1(m->b_down, a_e[a] * D + i, m->bf16) : 0.0f));
+    }
     if (m->bf16)
       ((uint16_t *)m->out)[r * D + i] = to_bf16(sum);
     else
@@ -276,15 +279,15 @@ int llmkit_moe_decode(const llmkit_moe *m) {
   const int64_t n = m->n, D = m->d, F = m->f, E = m->e, k = m->k, A = n * k;
   const int kind = !m->bf16 ? F32 : llmkit_native_bf16() ? DP : WIDE;
   const size_t es = m->bf16 ? 2 : 4;
-  /* scratch: assignments (expert, token) [A] x 2; x widened and split [n, d] x 2, its rows per
-   * assignment [A, d] x 2 (widened and split, or bfloat16), gate / hidden and up [A, f] x 2, the
-   * hidden split or bfloat16 [A, f], down [A, d], the assignments' weights [A], choice [e], group
-   * scores [e]; taken [e] */
+  /* scratch: the assignments' experts [A], each token's assignments [n, k] and their number [n]; x
+   * widened and split [n, d] x 2, its rows per assignment [A, d] x 2 (widened and split, or
+   * bfloat16), gate / hidden and up [A, f] x 2, the hidden split or bfloat16 [A, f], down [A, d],
+   * the assignments' weights [A], choice [e], group scores [e]; taken [e] */
   const size_t floats = 2 * (size_t)n * D + 3 * (size_t)A * D + 3 * (size_t)A * F + (size_t)A + 2 * (size_t)E;
-  char *scratch = malloc(sizeof(int64_t) * 2 * (size_t)A + sizeof(float) * floats + (size_t)E);
+  char *scratch = malloc(sizeof(int64_t) * (2 * (size_t)A + (size_t)n) + sizeof(float) * floats + (size_t)E);
   if (!scratch) return 1;
-  int64_t *a_e = (int64_t *)scratch, *a_t = a_e + A;
-  float *xw = (float *)(a_t + A), *xws = xw + n * D, *xg = xws + n * D, *xgs = xg + A * D, *g = xgs + A * D,
+  int64_t *a_e = (int64_t *)scratch, *own = a_e + A, *owned = own + A;
+  float *xw = (float *)(owned + n), *xws = xw + n * D, *xg = xws + n * D, *xgs = xg + A * D, *g = xgs + A * D,
         *u = g + A * F, *hs = u + A * F, *yd = hs + A * F, *a_w = yd + A * D, *choice = a_w + A, *group = choice + E;
   char *taken = (char *)(group + E);
   const uint16_t *xb = (const uint16_t *)m->x;
@@ -309,14 +312,17 @@ int llmkit_moe_decode(const llmkit_moe *m) {
 #pragma omp barrier
 #pragma omp single
     {
-      for (int64_t r = 0; r < n; ++r) tie |= route(m, r, choice, group, taken);
+      for (int64_t r = 0; r < n; ++r) {
+        tie |= route(m, r, choice, group, taken);
+        owned[r] = 0;
+      }
       for (int64_t e = 0; e < E && !tie; ++e) {
         int64_t count = 0;
         for (int64_t i = 0; i < A; ++i)
           if (m->selected[i] == e && (m->capacity < 0 || count < m->capacity)) {
             const int64_t r = i / k;
             a_e[served] = e;
-            a_t[served] = r;
+            own[r * k + owned[r]++] = served;
             a_w[served] = m->weights[i];
             if (kind == DP) {
               for (int64_t c = 0; c < D; ++c) xgb[served * D + c] = xb[r * D + c];
@@ -350,7 +356,7 @@ int llmkit_moe_decode(const llmkit_moe *m) {
       const act_rows h = {g + a0 * F, hs + a0 * F, hb + a0 * F};
       product(kind, h, a1 - a0, F, (const char *)m->w_down + e * D * F * es, lo, hi, yd + a0 * D, D);
     }
-    for (int64_t r = 0; r < n; ++r) weighted_sum(m, r, lo, hi, served, a_e, a_t, a_w, yd);
+    for (int64_t r = 0; r < n; ++r) weighted_sum(m, r, lo, hi, own + r * k, owned[r], a_e, a_w, yd);
   }
   free(scratch);
   return tie ? 2 : 0;

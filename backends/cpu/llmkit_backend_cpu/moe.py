@@ -8,8 +8,9 @@ tokens, as the reference does). Each active expert runs act(x Wg^T) * (x Wu^T) W
 only — a handful of tokens at decode, a large GEMM at prefill — and the rows, weighted by their
 routing weight, are added back with one `index_add_`. Inactive experts cost nothing.
 
-A call of at most `GEMV_MAX_ROWS` tokens (decode) in float32 or bfloat16, outside autograd and
-without training's router jitter, is one call of this plugin's `llmkit_cpu::moe_decode` (moe.c):
+A call of a few tokens (decode: at most `GEMV_MAX_ROWS`, or `DECODE_MAX_TOKENS` where the row
+kernels take several rows of x at once) in float32 or bfloat16, outside autograd and without
+training's router jitter, is one call of this plugin's `llmkit_cpu::moe_decode` (moe.c):
 routing, experts and the weighted sum in one C kernel, every product and sum in float32 (the
 reference rounds the router's logits, each product and the routing weights to a bfloat16 layer's
 dtype; the kernel is closer to float64, and a near-tie may route otherwise; where an exact tie
@@ -24,16 +25,17 @@ kernel streams the expert's weights about twice as fast (README, MoE layer). Lar
 bfloat16 slices (more than `quant.PACKED_MAX_ROWS` tokens) on a CPU without bf16 instructions are
 multiplied in float32 (`quant.WIDEN_BF16`).
 
-At prefill the experts' slices of more than `GEMV_MAX_ROWS` tokens go to one call of
-`llmkit_cpu::moe_experts` (ops.cpp), which gives each thread whole experts, largest first, and
-runs each product as PyTorch's GEMM on that one thread: a Mixtral-proportioned expert's slice of
-~128 tokens kept 90-93% of a 1024^3 product's rate on one thread and 71-87% split over two
+At prefill (beyond moe_decode's tokens) the experts' slices of more than `GEMV_MAX_ROWS` tokens go
+to one call of `llmkit_cpu::moe_experts` (ops.cpp), which gives each thread whole experts, largest
+first, and runs each product as PyTorch's GEMM on that one thread: a Mixtral-proportioned expert's
+slice of ~128 tokens kept 90-93% of a 1024^3 product's rate on one thread and 71-87% split over two
 (AVX-512 VM), and its eight experts together went from 71-75% to 95% of that rate in float32 and
 from 80-83% to 97% in bfloat16. A slice too large to share (`_together`) keeps all threads.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +50,14 @@ from . import quant
 GEMV_MAX_ROWS = quant.GEMV_MAX_ROWS
 """Up to this many tokens an expert's products are GEMVs (each weight read once, the rows reuse it
 from cache); beyond, PyTorch's GEMM."""
+DECODE_MAX_TOKENS = {torch.float32: 512, torch.bfloat16: 64}
+"""Up to this many tokens a call is one `moe_decode` call on a CPU whose row kernels take several
+rows of x in one pass (float32: AVX-512F; bfloat16: AVX512_BF16), else up to `GEMV_MAX_ROWS`.
+moe_decode against the grouped path, the Mixtral-proportioned layer of benchmarks/moe_layer.py
+(AVX-512 VM, 2 threads, cold caches, interleaved): float32 1.2-1.3x at 6-8 tokens, 2.0-2.5x at
+16-64, 1.7-1.9x at 128-256 and 1.22x at 512 (faster than PyTorch's float32 GEMM, MKL, here);
+bfloat16 1.4x at 6-8, 1.6-1.9x at 16-32, 1.28x at 64, 1.10x at 128, 0.91x at 256 and 0.57x at
+512 (oneDNN's vdpbf16ps GEMMs). Not measured on other CPUs."""
 SHARE_SLACK = 1.2
 """How much longer than an even share one thread's experts may take in `_experts_together`: a GEMM
 of ~128 rows kept 90-93% of the peak on one thread against 71-87% on two (AVX-512 VM, 2 threads)."""
@@ -150,6 +160,16 @@ def _grouped(block: Any, h: torch.Tensor, capacity: int | None, gemv: bool) -> t
     return out, logits, scores, selected, weights, counts
 
 
+@functools.cache
+def decode_max_tokens(dtype: torch.dtype) -> int:
+    """The most tokens a `dtype` call gives `moe_decode` here (`DECODE_MAX_TOKENS`)."""
+    if dtype == torch.bfloat16:
+        several = not quant.WIDEN_BF16
+    else:
+        several = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return DECODE_MAX_TOKENS[dtype] if several else GEMV_MAX_ROWS
+
+
 def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
     c = block.config
     h = x.reshape(-1, c.d_model)
@@ -157,7 +177,7 @@ def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
     capacity = None if c.capacity_factor is None else math.ceil(c.capacity_factor * n * c.top_k / c.n_experts)
     gemv = quant.gemv_ready(block, h, block.w_up, block.router)
     jitter = block.training and c.jitter > 0  # route's noise on the router's input
-    decoded = gemv and 0 < n <= GEMV_MAX_ROWS and not jitter
+    decoded = gemv and 0 < n <= decode_max_tokens(h.dtype) and not jitter
     if decoded:
         out, logits, scores, selected, weights, counts, tied = _decode(block, h, capacity)
     if not decoded or tied:  # tied: an exact tie decided moe_decode's routing
