@@ -10,8 +10,10 @@ positions near 2^15 and 2^16, every declared dtype; MoE routing with ties at the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -311,9 +313,28 @@ def test_gemv_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() -> Non
 
 
 MOE_DECODE = {"d_model": 40, "n_experts": 8, "top_k": 2, "hidden": 72}  # 40, 72: whole steps, split blocks, tails
+DECODE_PATHS = ["float32", "float32-avx2", "bfloat16-vdpbf16ps", "bfloat16-widened"]
 
 
-@pytest.mark.parametrize("path", ["float32", "float32-avx2", "bfloat16-vdpbf16ps", "bfloat16-widened"])
+@contextlib.contextmanager
+def _decode_path(path: str) -> Iterator[torch.dtype]:
+    """The row kernels' path `path` (float32 with or without the AVX-512F row groups; bfloat16 by
+    vdpbf16ps or widened) for the with block, skipped where this CPU lacks it; yields its dtype."""
+    assert kernels.ready()
+    library = kernels._library()
+    dtype = torch.float32 if path.startswith("float32") else torch.bfloat16
+    native = path.endswith("vdpbf16ps")
+    if dtype == torch.bfloat16 and library.llmkit_gemv_native_bf16(int(native)) != native:
+        pytest.skip("this CPU has no AVX512_BF16")
+    library.llmkit_gemv_avx512(int(path != "float32-avx2"))
+    try:
+        yield dtype
+    finally:
+        library.llmkit_gemv_native_bf16(1)
+        library.llmkit_gemv_avx512(1)
+
+
+@pytest.mark.parametrize("path", DECODE_PATHS)
 @pytest.mark.parametrize("extra", [
     {}, {"renormalize": "none", "activation": "gelu_tanh"},
     {"scoring": "sigmoid", "correction_bias": True, "n_group": 4, "topk_group": 2, "routed_scaling": 2.5},
@@ -326,26 +347,17 @@ def test_moe_decode_kernel_is_the_layer_against_float64(path, extra, tokens, mon
     float64 reference (no near-ties here), with its weights and counts, and whose output passes the
     precision rule; logits are float32 sums and scores their softmax or sigmoid. 9 and 16 tokens:
     experts with more rows of x than one pass of the row kernels takes."""
-    dtype = torch.float32 if path.startswith("float32") else torch.bfloat16
-    library = kernels._library() if kernels.ready() else None
-    native = path.endswith("vdpbf16ps")
-    if dtype == torch.bfloat16 and library.llmkit_gemv_native_bf16(int(native)) != native:
-        pytest.skip("this CPU has no AVX512_BF16")
-    library.llmkit_gemv_avx512(int(path != "float32-avx2"))
     calls = []
     monkeypatch.setattr(cpu_moe, "_decode", lambda *a: calls.append(1) or _decode(*a))
     monkeypatch.setattr(cpu_moe, "decode_max_tokens", lambda dtype: 16)
-    exact, naive, under = _blocks("moe", {**MOE_DECODE, **extra}, dtype, "grouped", seed=tokens)
-    if "correction_bias" in extra:
-        for b in (exact, naive, under):
-            b.correction_bias.copy_(0.3 * torch.randn(8, generator=torch.Generator().manual_seed(9)))
-    x = torch.randn(1, tokens, 40, generator=torch.Generator().manual_seed(tokens)).to(dtype)
-    try:
+    with _decode_path(path) as dtype:
+        exact, naive, under = _blocks("moe", {**MOE_DECODE, **extra}, dtype, "grouped", seed=tokens)
+        if "correction_bias" in extra:
+            for b in (exact, naive, under):
+                b.correction_bias.copy_(0.3 * torch.randn(8, generator=torch.Generator().manual_seed(9)))
+        x = torch.randn(1, tokens, 40, generator=torch.Generator().manual_seed(tokens)).to(dtype)
         with torch.no_grad():
             got, nv, ex = under(x), naive(x), exact(x.double())
-    finally:
-        library.llmkit_gemv_native_bf16(1)
-        library.llmkit_gemv_avx512(1)
     assert calls == [1]
     r, want = under.routing, exact.routing
     assert torch.equal(r.selected, want.selected) and torch.equal(r.tokens_per_expert, want.tokens_per_expert)
@@ -424,26 +436,16 @@ def test_moe_decode_kernel_does_not_depend_on_the_thread_count(dtype) -> None:
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
-@pytest.mark.parametrize("path", ["float32", "float32-avx2", "bfloat16-vdpbf16ps", "bfloat16-widened"])
+@pytest.mark.parametrize("path", DECODE_PATHS)
 def test_moe_decode_kernel_with_four_tokens_on_the_same_two_experts(path) -> None:
     """Four equal tokens: each of their two experts multiplies four rows of x (with AVX-512, the
     row kernels' groups of 4 rows of W, their channel steps and the rows after the last group),
     against float64 under the precision rule."""
-    dtype = torch.float32 if path.startswith("float32") else torch.bfloat16
-    assert kernels.ready()
-    library = kernels._library()
-    native = path.endswith("vdpbf16ps")
-    if dtype == torch.bfloat16 and library.llmkit_gemv_native_bf16(int(native)) != native:
-        pytest.skip("this CPU has no AVX512_BF16")
-    library.llmkit_gemv_avx512(int(path != "float32-avx2"))
-    exact, naive, under = _blocks("moe", {**MOE_DECODE, "d_model": 240, "hidden": 138}, dtype, "grouped")
-    x = torch.randn(1, 1, 240, generator=torch.Generator().manual_seed(5)).repeat(1, 4, 1).to(dtype)
-    try:
+    with _decode_path(path) as dtype:
+        exact, naive, under = _blocks("moe", {**MOE_DECODE, "d_model": 240, "hidden": 138}, dtype, "grouped")
+        x = torch.randn(1, 1, 240, generator=torch.Generator().manual_seed(5)).repeat(1, 4, 1).to(dtype)
         with torch.no_grad():
             got, nv, ex = under(x), naive(x), exact(x.double())
-    finally:
-        library.llmkit_gemv_native_bf16(1)
-        library.llmkit_gemv_avx512(1)
     assert sorted(under.routing.tokens_per_expert.tolist())[-2:] == [4, 4]
     _check(got, nv, ex, dtype)
 
