@@ -402,13 +402,15 @@ def test_moe_decode_kernel_leaves_exact_ties_to_pytorchs_topk(dtype, ties, monke
 def test_moe_decode_takes_more_tokens_where_the_row_kernels_take_several_rows(capability, native, limits,
                                                                              monkeypatch) -> None:
     """moe_decode's token limit: DECODE_MAX_TOKENS where the row kernels take several rows of x in
-    one pass (float32: AVX-512F; bfloat16: vdpbf16ps), GEMV_MAX_ROWS elsewhere; a call at the limit
-    takes the kernel, one token more the grouped path."""
+    one pass (float32: AVX-512F; bfloat16: vdpbf16ps), GEMV_MAX_ROWS elsewhere, as `llmkit info`
+    lists it; a call at the limit takes the kernel, one token more the grouped path."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(quant, "WIDEN_BF16", not native)
     cpu_moe.decode_max_tokens.cache_clear()
     try:
         assert (cpu_moe.decode_max_tokens(torch.float32), cpu_moe.decode_max_tokens(torch.bfloat16)) == limits
+        facts = REG.backend("cpu").device_facts("cpu")
+        assert facts["moe_decode_tokens"] == [f"float32 <= {limits[0]}", f"bfloat16 <= {limits[1]}"]
         calls = []
         monkeypatch.setattr(cpu_moe, "_decode", lambda *a: calls.append(a[1].shape[0]) or _decode(*a))
         under = _blocks("moe", MOE_DECODE, torch.float32, "grouped")[2]

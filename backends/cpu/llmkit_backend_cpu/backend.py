@@ -11,7 +11,7 @@ import torch
 from llmkit import peaks
 from llmkit.hookspecs import Backend, Peak
 
-from . import quant
+from . import moe, quant
 
 
 class CpuBackend(Backend):
@@ -31,6 +31,9 @@ class CpuBackend(Backend):
             "logical_cpus": os.cpu_count(),
             "model": _cpu_model(),
             "quant_modes": quant.modes_here(),  # not "quant": that fact is the mode a target asks for
+            # how many tokens a MoE layer call runs as one moe_decode kernel call (moe.DECODE_MAX_TOKENS)
+            "moe_decode_tokens": [f"{str(d).removeprefix('torch.')} <= {moe.decode_max_tokens(d)}"
+                                  for d in moe.DECODE_MAX_TOKENS],
         }
 
     def peak(self, device: str, dtype: torch.dtype) -> Peak:
