@@ -53,11 +53,11 @@ from cache); beyond, PyTorch's GEMM."""
 DECODE_MAX_TOKENS = {torch.float32: 512, torch.bfloat16: 64}
 """Up to this many tokens a call is one `moe_decode` call on a CPU whose row kernels take several
 rows of x in one pass (float32: AVX-512F; bfloat16: AVX512_BF16), else up to `GEMV_MAX_ROWS`.
-moe_decode against the grouped path, the Mixtral-proportioned layer of benchmarks/moe_layer.py
-(AVX-512 VM, 2 threads, cold caches, interleaved): float32 1.2-1.3x at 6-8 tokens, 2.0-2.5x at
-16-64, 1.7-1.9x at 128-256 and 1.22x at 512 (faster than PyTorch's float32 GEMM, MKL, here);
-bfloat16 1.4x at 6-8, 1.6-1.9x at 16-32, 1.28x at 64, 1.10x at 128, 0.91x at 256 and 0.57x at
-512 (oneDNN's vdpbf16ps GEMMs). Not measured on other CPUs."""
+The grouped path's time over moe_decode's (benchmarks/moe_decode_range.py: the Mixtral-proportioned
+layer, AVX-512 VM, 2 threads, cold caches, two runs): float32 1.1-1.2x at 4-8 tokens, 1.5-2.3x at
+16-256 and 1.18-1.20x at 512 (faster than PyTorch's float32 GEMM, MKL, here); bfloat16 1.2-1.4x at
+4-8, 1.3-1.9x at 16-64, 1.00-1.02x at 128, 0.81x at 256 and 0.56-0.58x at 512 (oneDNN's
+vdpbf16ps GEMMs). Not measured on other CPUs."""
 SHARE_SLACK = 1.2
 """How much longer than an even share one thread's experts may take in `_experts_together`: a GEMM
 of ~128 rows kept 90-93% of the peak on one thread against 71-87% on two (AVX-512 VM, 2 threads)."""
