@@ -15,8 +15,6 @@ cold caches (`moe_layer._interleaved_s`): medians, and the median of the per-tur
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 from pathlib import Path
 
@@ -24,12 +22,11 @@ import torch
 
 from llmkit import Block
 from llmkit.atomic import write_json_atomic
-from llmkit.bench import cpu_model
 from llmkit.registry import default_registry
 from llmkit.testing import bind_reference
 from llmkit_backend_cpu import moe as cpu_moe
 
-from moe_layer import D, EXPERTS, HIDDEN, TOP_K, _interleaved_s
+from moe_layer import D, EXPERTS, HIDDEN, TOP_K, _interleaved_s, machine
 
 
 def main() -> None:
@@ -71,9 +68,7 @@ def main() -> None:
                   f"{row['grouped_over_moe_decode']:.2f}x", flush=True)
     record = {"benchmark": "moe_decode_range",
               "shape": {"d_model": D, "hidden": HIDDEN, "experts": EXPERTS, "top_k": TOP_K},
-              "machine": {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(),
-                          "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                          "python": platform.python_version(), "torch": torch.__version__}, "rows": rows}
+              "machine": machine(), "rows": rows}
     write_json_atomic(args.out, record)
 
 

@@ -60,6 +60,12 @@ def _interleaved_s(fns: dict[str, Callable[[], object]], repeat: int) -> dict[st
     return times
 
 
+def machine() -> dict[str, object]:
+    """The machine a record was measured on (this file's records and moe_decode_range.py's)."""
+    return {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "logical_cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
+
+
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype whose GEMM gives `dtype`'s compute peak (module docstring)."""
     if dtype == torch.float32 or peaks.torch_gemm_flops(dtype) >= peaks.torch_gemm_flops(torch.float32):
@@ -141,9 +147,7 @@ def main() -> None:
                   f"roofline {row['roofline_ms']:7.2f} ms ({row['bound']}), "
                   f"{100 * row['fraction_of_roofline']:.0f}% of roofline, {row['vs_transformers']:.2f}x transformers")
     record = {"benchmark": "moe_layer", "shape": {"d_model": D, "hidden": HIDDEN, "experts": EXPERTS, "top_k": TOP_K},
-              "machine": {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(),
-                          "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                          "python": platform.python_version(), "torch": torch.__version__}, "rows": rows}
+              "machine": machine(), "rows": rows}
     write_json_atomic(args.out, record)
 
 

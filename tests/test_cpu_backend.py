@@ -275,24 +275,39 @@ def test_gemv_kernel_is_x_times_the_weights_in_float32(rows, k, n, path) -> None
     _assert_float32_sums(got, x, w)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["vdpbf16ps", "widened"])
+ROW_KERNEL_PATHS = ["float32", "float32-avx2", "bfloat16-vdpbf16ps", "bfloat16-widened"]
+
+
+@contextlib.contextmanager
+def _row_kernel_path(path: str) -> Iterator[torch.dtype]:
+    """The row kernels' path `path` (float32 with or without the AVX-512F row groups; bfloat16 by
+    vdpbf16ps or widened) for the with block, skipped where this CPU lacks it; yields its dtype."""
+    assert kernels.ready()
+    library = kernels._library()
+    dtype = torch.float32 if path.startswith("float32") else torch.bfloat16
+    native = path.endswith("vdpbf16ps")
+    if dtype == torch.bfloat16 and library.llmkit_gemv_native_bf16(int(native)) != native:
+        pytest.skip("this CPU has no AVX512_BF16")
+    library.llmkit_gemv_avx512(int(path != "float32-avx2"))
+    try:
+        yield dtype
+    finally:
+        library.llmkit_gemv_native_bf16(1)
+        library.llmkit_gemv_avx512(1)
+
+
+@pytest.mark.parametrize("path", ["bfloat16-vdpbf16ps", "bfloat16-widened"])
 @pytest.mark.parametrize("rows, k, n", [(1, 1, 1), (2, 31, 5), (3, 1024, 3584), (4, 3584, 1027), (5, 200, 9),
                                          (1, 1050, 12), (2, 100, 8), (8, 96, 13), (4, 40, 4)])
-def test_gemv_kernel_with_bfloat16_x_is_the_product_in_float32(rows, k, n, native) -> None:
+def test_gemv_kernel_with_bfloat16_x_is_the_product_in_float32(rows, k, n, path) -> None:
     """x and w both bfloat16: AVX512_BF16's vdpbf16ps where the CPU has it (single rows of W in
     steps of 128 and 32 channels; 2-8 rows of x over groups of 4 rows of W in steps of 64 and 32;
     the scalar tails), else x widened and the float32-x path; float64 is the oracle."""
-    assert kernels.ready()
-    library = kernels._library()
-    if library.llmkit_gemv_native_bf16(int(native)) != native:
-        pytest.skip("this CPU has no AVX512_BF16")
-    try:
+    with _row_kernel_path(path):
         gen = torch.Generator().manual_seed(k + n)
         w = (torch.randn(n, k, generator=gen) * torch.linspace(0.01, 3, n)[:, None]).bfloat16()
         x = torch.randn(rows, k, generator=gen).bfloat16()
         got = torch.ops.llmkit_cpu.gemv.default(x, w)
-    finally:
-        library.llmkit_gemv_native_bf16(1)
     _assert_float32_sums(got, x, w)
 
 
@@ -313,28 +328,7 @@ def test_gemv_kernel_refuses_operands_it_cannot_read_with_what_is_wrong() -> Non
 
 
 MOE_DECODE = {"d_model": 40, "n_experts": 8, "top_k": 2, "hidden": 72}  # 40, 72: whole steps, split blocks, tails
-DECODE_PATHS = ["float32", "float32-avx2", "bfloat16-vdpbf16ps", "bfloat16-widened"]
-
-
-@contextlib.contextmanager
-def _decode_path(path: str) -> Iterator[torch.dtype]:
-    """The row kernels' path `path` (float32 with or without the AVX-512F row groups; bfloat16 by
-    vdpbf16ps or widened) for the with block, skipped where this CPU lacks it; yields its dtype."""
-    assert kernels.ready()
-    library = kernels._library()
-    dtype = torch.float32 if path.startswith("float32") else torch.bfloat16
-    native = path.endswith("vdpbf16ps")
-    if dtype == torch.bfloat16 and library.llmkit_gemv_native_bf16(int(native)) != native:
-        pytest.skip("this CPU has no AVX512_BF16")
-    library.llmkit_gemv_avx512(int(path != "float32-avx2"))
-    try:
-        yield dtype
-    finally:
-        library.llmkit_gemv_native_bf16(1)
-        library.llmkit_gemv_avx512(1)
-
-
-@pytest.mark.parametrize("path", DECODE_PATHS)
+@pytest.mark.parametrize("path", ROW_KERNEL_PATHS)
 @pytest.mark.parametrize("extra", [
     {}, {"renormalize": "none", "activation": "gelu_tanh"},
     {"scoring": "sigmoid", "correction_bias": True, "n_group": 4, "topk_group": 2, "routed_scaling": 2.5},
@@ -350,7 +344,7 @@ def test_moe_decode_kernel_is_the_layer_against_float64(path, extra, tokens, mon
     calls = []
     monkeypatch.setattr(cpu_moe, "_decode", lambda *a: calls.append(1) or _decode(*a))
     monkeypatch.setattr(cpu_moe, "decode_max_tokens", lambda dtype: 16)
-    with _decode_path(path) as dtype:
+    with _row_kernel_path(path) as dtype:
         exact, naive, under = _blocks("moe", {**MOE_DECODE, **extra}, dtype, "grouped", seed=tokens)
         if "correction_bias" in extra:
             for b in (exact, naive, under):
@@ -438,12 +432,12 @@ def test_moe_decode_kernel_does_not_depend_on_the_thread_count(dtype) -> None:
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
-@pytest.mark.parametrize("path", DECODE_PATHS)
+@pytest.mark.parametrize("path", ROW_KERNEL_PATHS)
 def test_moe_decode_kernel_with_four_tokens_on_the_same_two_experts(path) -> None:
     """Four equal tokens: each of their two experts multiplies four rows of x (with AVX-512, the
     row kernels' groups of 4 rows of W, their channel steps and the rows after the last group),
     against float64 under the precision rule."""
-    with _decode_path(path) as dtype:
+    with _row_kernel_path(path) as dtype:
         exact, naive, under = _blocks("moe", {**MOE_DECODE, "d_model": 240, "hidden": 138}, dtype, "grouped")
         x = torch.randn(1, 1, 240, generator=torch.Generator().manual_seed(5)).repeat(1, 4, 1).to(dtype)
         with torch.no_grad():
