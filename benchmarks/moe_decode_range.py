@@ -51,7 +51,7 @@ def main() -> None:
             h = torch.randn(n, D).to(dtype)
             with torch.inference_mode():
                 decoded = cpu_moe._decode(block, h, None)
-                if decoded[6]:  # an exact tie decided moe_decode's routing: it would not serve this call
+                if decoded[6][0]:  # an exact tie decided moe_decode's routing: it would not serve this call
                     raise SystemExit(f"{n} tokens: moe_decode met an exact routing tie; use other tokens")
                 counts = decoded[5]
                 times = _interleaved_s({"moe_decode": lambda: cpu_moe._decode(block, h, None),

@@ -369,6 +369,35 @@ _experts_together = cpu_moe._experts_together
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("extra", [{}, {"capacity_factor": 0.5}, {"load_balance_coef": 0.01, "z_loss_coef": 0.001},
+                                   {"seq_balance_coef": 0.1, "capacity_factor": 0.5}], ids=lambda e: ",".join(e) or "none")
+def test_moe_decode_sets_record_routings_statistics(dtype, extra, monkeypatch) -> None:
+    """The routing statistics of a moe_decode call (set from its outputs where no loss has a
+    coefficient, else by the catalogue's record_routing) are record_routing's on the same routing:
+    every field, exactly."""
+    calls = []
+    monkeypatch.setattr(cpu_moe, "_decode", lambda *a: calls.append(1) or _decode(*a))
+    monkeypatch.setattr(cpu_moe, "decode_max_tokens", lambda dtype: 16)
+    under = _blocks("moe", {**MOE_DECODE, **extra}, dtype, "grouped", seed=5)[2]
+    x = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(5)).to(dtype)
+    capacity = None if "capacity_factor" not in extra else 1  # ceil(0.5 * 6 tokens * top-2 / 8 experts)
+    with torch.no_grad():
+        under(x)
+        got = under.routing
+        logits, scores = _decode(under, x.reshape(-1, 40), capacity)[1:3]
+        moe_blocks.record_routing(under, x, logits, scores, got.selected, got.weights, capacity, got.tokens_per_expert)
+    want = under.routing
+    assert calls == [1]
+    assert (got.dropped > 0) == (capacity is not None) and got.imbalance > 1.0
+    assert torch.equal(got.selected, want.selected) and torch.equal(got.weights, want.weights)
+    assert torch.equal(got.tokens_per_expert, want.tokens_per_expert)
+    assert (got.dropped, got.imbalance) == (want.dropped, want.imbalance)
+    assert got.aux_loss.dtype == want.aux_loss.dtype == torch.float32 and torch.equal(got.aux_loss, want.aux_loss)
+    assert list(got.losses) == list(want.losses) == [k.removesuffix("_coef") for k in extra if k.endswith("_coef")]
+    assert all(torch.equal(got.losses[k], want.losses[k]) for k in want.losses)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ties", ["zero router", "equal rows"])
 def test_moe_decode_kernel_leaves_exact_ties_to_pytorchs_topk(dtype, ties, monkeypatch) -> None:
     """Where an exact tie decides a pick, moe_decode says so and the call is routed by the
@@ -383,7 +412,7 @@ def test_moe_decode_kernel_leaves_exact_ties_to_pytorchs_topk(dtype, ties, monke
                 b.router[1:] = b.router[1].clone()  # seven equal experts: every top-2 ties
     x = torch.randn(1, 3, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
     tied = []
-    monkeypatch.setattr(cpu_moe, "_decode", lambda *a: tied.append(bool((r := _decode(*a))[6])) or r)
+    monkeypatch.setattr(cpu_moe, "_decode", lambda *a: tied.append(bool((r := _decode(*a))[6][0])) or r)
     with torch.no_grad():
         got, want = under(x), naive(x)
     assert tied == [True]

@@ -123,7 +123,7 @@ def _moe_decode_fake(x: torch.Tensor, router: torch.Tensor, correction_bias: tor
     scores = [x.new_empty(n, e, dtype=torch.float32) for _ in range(2)]
     return (x.new_empty(x.shape), *scores, x.new_empty(n, top_k, dtype=torch.int64),
             x.new_empty(n, top_k, dtype=torch.float32), x.new_empty(e, dtype=torch.int64),
-            x.new_empty((), dtype=torch.bool))
+            x.new_empty(3, dtype=torch.int64), x.new_empty((), dtype=torch.float32))
 
 
 def _moe_experts_fake(x: torch.Tensor, *operands: object) -> torch.Tensor:
@@ -142,10 +142,11 @@ MOE_DECODE_SCHEMA = (
     "Tensor b_gate, Tensor b_up, Tensor b_down, int top_k, int scoring, int n_group, int topk_group, "
     "int renormalize, float routed_scaling, int capacity, int activation) "
     "-> (Tensor out, Tensor logits, Tensor scores, Tensor selected, Tensor weights, Tensor counts, "
-    "Tensor tied)"
+    "Tensor info, Tensor aux_loss)"
 )
-"""tied (a bool scalar): an exact tie decided the routing; out is then not computed, and the caller
-routes that call itself."""
+"""info (int64 [3]): whether an exact tie decided the routing (out is then not computed, and the
+caller routes that call itself), the largest count and the assignments beyond capacity; aux_loss a
+float32 zero scalar (ops.cpp)."""
 
 
 def ready() -> bool:

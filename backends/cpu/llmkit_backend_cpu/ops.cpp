@@ -19,8 +19,10 @@
 // moe_decode: a moe@1 layer for a few tokens x [n, d] float32 or bfloat16, its parameters in x's
 // dtype (the correction bias float32), an absent one (w_gate, the biases) as an empty tensor; returns
 // out [n, d] in x's dtype, logits and scores [n, e] float32, selected [n, k] int64, weights [n, k]
-// float32, counts [e] int64, and tied, a bool scalar: whether an exact tie decided the routing (out
-// is then not computed, and the caller routes); moe.c.
+// float32, counts [e] int64, info [3] int64: whether an exact tie decided the routing (1: out is
+// then not computed, and the caller routes), the largest count, the assignments beyond `capacity`
+// (0 without), and aux_loss, a float32 zero scalar: with these the caller sets the routing
+// statistics without a PyTorch operation of its own (moe.py); moe.c.
 // moe_experts: x [m, d] float32 or bfloat16, the rows of several experts, grouped: expert
 // experts[j] (int64 [a]) takes the next counts[j] (int64 [a]) rows; the experts' parameters as
 // moe_decode's, in x's dtype; returns y [m, d] in x's dtype, each row its expert's output
@@ -274,8 +276,8 @@ void moe_decode(StableIValue *stack, uint64_t, uint64_t) {
   m.scoring = static_cast<int>(scoring);
   m.renormalize = static_cast<int>(renormalize);
   m.activation = static_cast<int>(activation);
-  const int64_t nd[2] = {n, d}, ne[2] = {n, e}, nk[2] = {n, k}, ee[1] = {e};
-  AtenTensorHandle outs[7] = {};
+  const int64_t nd[2] = {n, d}, ne[2] = {n, e}, nk[2] = {n, k}, ee[1] = {e}, three[1] = {3};
+  AtenTensorHandle outs[8] = {};
   try {
     outs[0] = empty(op, 2, nd, dtype);
     outs[1] = empty(op, 2, ne, aoti_torch_dtype_float32());
@@ -289,16 +291,24 @@ void moe_decode(StableIValue *stack, uint64_t, uint64_t) {
     m.selected = static_cast<int64_t *>(data(op, outs[3]));
     m.weights = static_cast<float *>(data(op, outs[4]));
     m.counts = static_cast<int64_t *>(data(op, outs[5]));
-    outs[6] = empty(op, 0, nullptr, aoti_torch_dtype_bool());
+    outs[6] = empty(op, 1, three, aoti_torch_dtype_int64());
+    outs[7] = empty(op, 0, nullptr, aoti_torch_dtype_float32());
     const int status = llmkit_moe_decode(&m);
     if (status == 1) throw std::bad_alloc();  // its scratch memory
-    *static_cast<bool *>(data(op, outs[6])) = status == 2;
+    int64_t *info = static_cast<int64_t *>(data(op, outs[6]));
+    info[0] = status == 2;
+    info[1] = info[2] = 0;
+    for (int64_t i = 0; i < e; ++i) {
+      info[1] = std::max(info[1], m.counts[i]);
+      if (m.capacity >= 0) info[2] += std::max<int64_t>(m.counts[i] - m.capacity, 0);
+    }
+    *static_cast<float *>(data(op, outs[7])) = 0.0f;
   } catch (...) {
     for (AtenTensorHandle t : outs)
       if (t) aoti_torch_delete_tensor_object(t);
     throw;
   }
-  for (int i = 0; i < 7; ++i) stack[i] = reinterpret_cast<StableIValue>(outs[i]);
+  for (int i = 0; i < 8; ++i) stack[i] = reinterpret_cast<StableIValue>(outs[i]);
 }
 
 // A view of t's storage: sizes and strides (rank 1 or 2) from element `offset` on.
