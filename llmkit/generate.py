@@ -17,6 +17,7 @@ import enum
 import hashlib
 import itertools
 import os
+import re
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -131,17 +132,20 @@ def decode_step(model: Any, compile: bool = False) -> Callable[[torch.Tensor, An
     (`torch.compiler.is_compiling()`), so the graph does not break on them.
 
     Dynamo would check every module attribute and parameter before every step (3.6 ms of a
-    20 ms profiled SmolLM2 w4a8 step, AVX2 VM). Those guards are dropped
-    (`skip_guard_on_all_nn_modules_unsafe`, 1.5 ms left: the cache's) and the model is checked
-    once per call of this function instead, by its `structure` digest: a model changed since its
-    step was compiled (`.to(dtype)`, re-bound impls, re-packed weights) gets a new one, with a
-    code object of its own (dynamo keeps compiled code per code object). So the returned step is
-    for the model as it is now: after changing the model, call `decode_step` (or `generate`,
-    which calls it) again.
+    20 ms profiled SmolLM2 w4a8 step, AVX2 VM). The guards on the step's own model are dropped
+    (`_skip_step_model_guards`, 1.5 ms left: the cache's) and the model is checked once per call
+    of this function instead, by its `structure` digest: a model changed since its step was
+    compiled (`.to(dtype)`, re-bound impls, re-packed weights) gets a new one, with a code object
+    of its own (dynamo keeps compiled code per code object). So the returned step is for the model
+    as it is now: after changing the model, call `decode_step` (or `generate`, which calls it)
+    again. Where the graph breaks inside the model (an impl's data-dependent branch), dynamo
+    compiles the frames below the break on their own; those keep their guards.
     """
+    decode_step_model = model  # the name `_skip_step_model_guards` knows the step's model by
+
     def step(tokens: torch.Tensor, cache: Any) -> torch.Tensor:
         with torch.no_grad():  # inside the traced function, so the compiled graph is inference-only
-            return model(tokens, cache=cache, last_only=True)
+            return decode_step_model(tokens, cache=cache, last_only=True)
 
     if not compile:
         return step
@@ -153,8 +157,23 @@ def decode_step(model: Any, compile: bool = False) -> Callable[[torch.Tensor, An
         fresh = types.FunctionType(step.__code__.replace(co_name=f"decode_step_{next(_STEPS)}"),
                                    step.__globals__, closure=step.__closure__)
         held = model.__dict__["_compiled_decode"] = (digest, torch.compile(
-            fresh, dynamic=True, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}))
+            fresh, dynamic=True, options={"guard_filter_fn": _skip_step_model_guards}))
     return held[1]
+
+
+_STEP_MODEL = re.compile(r"(?<![\w.'])decode_step_model\b")
+
+
+def _skip_step_model_guards(entries: Sequence[Any]) -> list[bool]:
+    """Dynamo's `guard_filter_fn` for a compiled decode step: keep every guard but those on a
+    module reached from the step's model (`decode_step_model`, a closure variable of the step's
+    own code object). A frame below a graph break inside the model is compiled on its own, its
+    module a local (`block` in a layer's forward); that code object is shared by every model in
+    the process, so its guards stay: without them (`skip_guard_on_all_nn_modules_unsafe`) the
+    graph traced for one model's MoE layers ran for the next model's (a bfloat16 model's for a
+    float32 one's: other tokens, no error)."""
+    return [not (entry.orig_guard.source.is_unspecialized_nn_module() and _STEP_MODEL.search(entry.name))
+            for entry in entries]
 
 
 def _graph_backend(model: Any) -> Any:

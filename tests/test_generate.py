@@ -263,3 +263,24 @@ def test_a_model_changed_after_compiling_gets_a_step_of_its_own() -> None:
     assert structure(model) != digest
     torch.testing.assert_close(logits(True), logits(False), rtol=1e-4, atol=1e-4)
     assert model.__dict__["_compiled_decode"][1] is not step
+
+
+def test_frames_below_a_graph_break_keep_their_guards_across_models() -> None:
+    """A MoE layer's routing statistics break the compiled step's graph, so dynamo compiles the
+    frames below the break (a layer's forward) on their own, shared by every model: they keep their
+    guards, and a float32 model compiled after a bfloat16 one of the same spec runs its own graphs
+    (with the guards dropped, the bfloat16 graphs ran for it: other tokens, no error). The step's
+    own model still loses its module guards."""
+    from llmkit import generate as gen
+
+    dropped = []
+    real = gen._skip_step_model_guards
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(6))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gen, "_skip_step_model_guards", lambda entries: dropped.extend(
+            e.name for e, keep in zip(entries, real(entries)) if not keep) or real(entries))
+        for dtype in ("bfloat16", "float32"):
+            with pytest.warns(FallbackWarning):
+                model = build("tiny-mixtral-8x7b", dtype=dtype, seed=6)
+            assert torch.equal(model.generate(ids, 5, compile=True), model.generate(ids, 5)), dtype
+    assert dropped and all(name.startswith("decode_step_model") for name in dropped)
