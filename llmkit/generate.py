@@ -84,7 +84,10 @@ def structure(model: torch.nn.Module) -> str:
     an impl or re-packing a weight changes the digest. Tensors held in other attributes count by
     dtype, device, rank and aliasing only: impls keep per-call memos there (the cpu RoPE's tables
     of the last positions), which the traced step does not read; state a compiled step reads
-    belongs in parameters, buffers, or attributes fixed when the impl is bound."""
+    belongs in parameters, buffers, or attributes fixed when the impl is bound. A MoE block's
+    `routing` (the statistics every moe@1 forward leaves for its caller, a new object each call)
+    does not count: it would give the model a new digest, and so a new step to trace, at every
+    `generate` call."""
     names: dict[int, str] = {}  # tensor id -> where it was first seen: tied weights alias
 
     def describe(value: Any, where: str, depth: int = 0) -> str:
@@ -112,7 +115,7 @@ def structure(model: torch.nn.Module) -> str:
     parts = []
     for name, module in model.named_modules():
         attributes = {k: v for k, v in module.__dict__.items()
-                      if k not in ("_parameters", "_buffers", "_modules", "_compiled_decode")}
+                      if k not in ("_parameters", "_buffers", "_modules", "_compiled_decode", "routing")}
         tensors = {**module._parameters, **module._buffers}
         parts.append(f"{name}@{id(module)}:"
                      + ",".join(f"{k}={describe(t, f'{name}.{k}')}" for k, t in tensors.items())

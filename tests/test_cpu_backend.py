@@ -1041,6 +1041,40 @@ def test_compiled_packed_decode_is_one_graph_with_eagers_tokens(mode) -> None:
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_moe_decode_is_one_graph_with_eagers_tokens_and_routing(dtype) -> None:
+    """A compiled step reaches a MoE layer through `llmkit_cpu::moe_layer`, one opaque op, so the
+    graph does not break on the routing; the layer's routing statistics are the last step's, as
+    eager's; a second generate traces nothing again (the statistics are not part of the model's
+    digest); a deep copy of the model, run eagerly first by generate's prefill, compiles with the
+    copy's own weights; an op call for a block never bound nor run is an error."""
+    import torch._dynamo
+
+    with pytest.warns(llmkit.errors.FallbackWarning):
+        model = llmkit.build("tiny-qwen1.5-moe-a2.7b", dtype=dtype, seed=5)  # a shared, gated expert
+    ids = torch.randint(0, model.spec.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    eager = model.generate(ids, 6, eos=False)
+    moe = [m for m in model.modules() if getattr(m, "kind", None) is not None and m.kind.name == "moe"]
+    want = [m.routing.selected for m in moe]
+    torch._dynamo.utils.counters.clear()
+    assert torch.equal(model.generate(ids, 6, eos=False, compile=True), eager)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert all(torch.equal(m.routing.selected, w) and m.routing.selected.shape[0] == 2 for m, w in zip(moe, want))
+    frames = torch._dynamo.utils.counters["frames"]["total"]
+    model.generate(ids, 6, eos=False, compile=True)
+    assert torch._dynamo.utils.counters["frames"]["total"] == frames
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in twin.modules():
+            if getattr(m, "kind", None) is not None and m.kind.name == "moe":
+                m.w_down.mul_(-30.0)
+    twin_eager = twin.generate(ids, 6, eos=False)
+    assert not torch.equal(twin_eager, eager)
+    assert torch.equal(twin.generate(ids, 6, eos=False, compile=True), twin_eager)
+    with pytest.raises(RuntimeError, match="moe_layer: no cpu.grouped block with id 0 was bound or run"):
+        torch.ops.llmkit_cpu.moe_layer(torch.zeros(1, 8), 0)
+
+
 def _finish_with(model, ids: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
     """The model's logits with the head's matrix replaced (a tied head quantises its own copy)."""
     h = model.embedding(ids)

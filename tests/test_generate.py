@@ -266,11 +266,13 @@ def test_a_model_changed_after_compiling_gets_a_step_of_its_own() -> None:
 
 
 def test_frames_below_a_graph_break_keep_their_guards_across_models() -> None:
-    """A MoE layer's routing statistics break the compiled step's graph, so dynamo compiles the
-    frames below the break (a layer's forward) on their own, shared by every model: they keep their
-    guards, and a float32 model compiled after a bfloat16 one of the same spec runs its own graphs
-    (with the guards dropped, the bfloat16 graphs ran for it: other tokens, no error). The step's
-    own model still loses its module guards."""
+    """The reference MoE impl's routing statistics (Python numbers) break the compiled step's graph,
+    so dynamo compiles the frames below the break (a layer's forward) on their own, shared by every
+    model: they keep their guards, and a float32 model compiled after a bfloat16 one of the same
+    spec runs its own graphs (with the guards dropped, the bfloat16 graphs ran for it: other
+    tokens, no error). The step's own model still loses its module guards."""
+    from torch._dynamo.utils import counters
+
     from llmkit import generate as gen
 
     dropped = []
@@ -281,6 +283,8 @@ def test_frames_below_a_graph_break_keep_their_guards_across_models() -> None:
             e.name for e, keep in zip(entries, real(entries)) if not keep) or real(entries))
         for dtype in ("bfloat16", "float32"):
             with pytest.warns(FallbackWarning):
-                model = build("tiny-mixtral-8x7b", dtype=dtype, seed=6)
+                model = build("tiny-mixtral-8x7b", dtype=dtype, seed=6, impl={"moe": "reference"})
+            breaks = sum(counters["graph_break"].values())
             assert torch.equal(model.generate(ids, 5, compile=True), model.generate(ids, 5)), dtype
+            assert sum(counters["graph_break"].values()) > breaks
     assert dropped and all(name.startswith("decode_step_model") for name in dropped)

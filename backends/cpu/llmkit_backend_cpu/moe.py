@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +67,38 @@ _SCORING = {"softmax": 0, "sigmoid": 1}
 _ACTIVATION = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
-prepare = quant.prepare_gemv
+_LAYERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+"""The bound blocks (and the copies run eagerly) by `id`: where a compiled step's
+`llmkit_cpu::moe_layer` call finds its block."""
+
+
+def prepare(block: Any, target: Any) -> None:
+    """`quant.prepare_gemv`, and the block made known to `llmkit_cpu::moe_layer` (defined here at the
+    first bind)."""
+    quant.prepare_gemv(block, target)
+    if target.device != "meta":  # the op's fake impl imports torch's tracing machinery (kernels.py)
+        _layer_op()
+    _LAYERS[id(block)] = block
+
+
+@functools.cache
+def _layer_op() -> torch.library.Library:
+    """Define `llmkit_cpu::moe_layer(Tensor x, int layer) -> Tensor`: this impl's forward of the
+    bound block `id(block) == layer` on x, run eagerly. A compiled decode step calls it in place
+    of the layer (`grouped_forward`)."""
+    lib = torch.library.Library("llmkit_cpu", "FRAGMENT")
+    lib.define("moe_layer(Tensor x, int layer) -> Tensor")
+    lib.impl("moe_layer", _layer_call, "CPU")
+    torch.library.register_fake("llmkit_cpu::moe_layer", lambda x, layer: torch.empty_like(x), lib=lib)
+    return lib
+
+
+def _layer_call(x: torch.Tensor, layer: int) -> torch.Tensor:
+    block = _LAYERS.get(layer)
+    if block is None:
+        raise RuntimeError(f"llmkit_cpu::moe_layer: no cpu.grouped block with id {layer} was bound or run; "
+                           "run a copied model once without compiling (generate's prefill does) or bind it again")
+    return _forward(block, x)
 
 
 def _expert(lin: Callable[..., torch.Tensor], block: Any, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +204,18 @@ def decode_max_tokens(dtype: torch.dtype) -> int:
 
 
 def grouped_forward(block: Any, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        # one opaque op in the compiled graph: the routing's data-dependent branches and statistics
+        # (Python numbers) would break it, and a break inside the model's loop over its layers
+        # left the whole model eager, traced again at every generate call (tiny-mixtral: 20x
+        # slower than eager)
+        return torch.ops.llmkit_cpu.moe_layer.default(x, id(block))
+    if id(block) not in _LAYERS:  # a copy of a bound block (copy.deepcopy), met here first
+        _LAYERS[id(block)] = block
+    return _forward(block, x)
+
+
+def _forward(block: Any, x: torch.Tensor) -> torch.Tensor:
     c = block.config
     h = x.reshape(-1, c.d_model)
     n = h.shape[0]
