@@ -1,4 +1,4 @@
-"""SmolLM2-135M decode speed, llmkit against a baseline engine, both in one process, in alternating rounds.
+"""Decode speed (SmolLM2-135M by default), llmkit against a baseline engine, both in one process, in alternating rounds.
 
 `model_bench.py` runs each engine once in a process of its own, one after the other; on a shared
 VM whose speed drifts by 10-30% between minutes that spread lands in the ratio. Here one process
@@ -10,10 +10,13 @@ prompt with each engine in turn, the order swapped every round. Decode speed of 
 (gen_len - 1) / (time from the first generated token to the last), measured by `llmkit bench`'s
 own loops (`llmkit_greedy`, `llamacpp_greedy`, `transformers_greedy`); the ratio is taken per
 round (the two runs of a round are seconds apart) and the median over rounds is reported, with
-the spread. Both engines use the same number of threads.
+the spread. Both engines use the same number of threads. `--baseline eager` compares a compiled
+configuration with llmkit's own eager decode of the same model (no other engine), and `--source`
+takes another checkpoint (one without a tokenizer gets `llmkit bench`'s random prompt ids), such
+as a MoE model written by moe_checkpoint.py.
 
     .venv/bin/python benchmarks/interleaved_decode.py [--config float32+w4a8+compile+kv16]
-        [--baseline llamacpp|transformers] [--baseline-dtype float32]
+        [--baseline llamacpp|transformers|eager] [--baseline-dtype float32] [--source smollm2-135m]
         [--prompt-len 512] [--gen-len 64] [--rounds 8] [--threads 2] [--out FILE]
 """
 
@@ -28,7 +31,7 @@ import torch
 
 import llmkit
 from llmkit.atomic import write_json_atomic
-from llmkit.bench import cpu_model, llamacpp_greedy, llmkit_greedy, transformers_greedy, transformers_model
+from llmkit.bench import cpu_model, llamacpp_greedy, llmkit_greedy, prompt_ids, transformers_greedy, transformers_model
 
 from model_bench import SOURCE, _configs
 
@@ -38,7 +41,8 @@ TEXT = "The three primary colours are red, yellow and blue. Mixing two of them g
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="float32+w4a8+compile+kv16")
-    parser.add_argument("--baseline", choices=("llamacpp", "transformers"), default="llamacpp")
+    parser.add_argument("--baseline", choices=("llamacpp", "transformers", "eager"), default="llamacpp")
+    parser.add_argument("--source", default=SOURCE, help="a preset with local weights, a .gguf or a checkpoint dir")
     parser.add_argument("--baseline-dtype", default="float32", help="transformers' dtype (llama.cpp runs the GGUF's)")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--gen-len", type=int, default=64)
@@ -49,11 +53,17 @@ def main() -> None:
     (config,) = _configs(args.config)
     torch.set_num_threads(args.threads)
 
-    model = llmkit.load(SOURCE, dtype=config["dtype"], quant=config["quant"])
-    ids = (model.tokenizer.encode(TEXT) * (args.prompt_len // 8 + 1))[:args.prompt_len]
+    model = llmkit.load(args.source, dtype=config["dtype"], quant=config["quant"])
+    if model.tokenizer is None:
+        ids, prompt = prompt_ids(None, model.spec.vocab_size, args.prompt_len)
+    else:
+        ids, prompt = (model.tokenizer.encode(TEXT) * (args.prompt_len // 8 + 1))[:args.prompt_len], TEXT
     engines = {"llmkit": lambda: llmkit_greedy(model, ids, args.gen_len, compile=config["compile"],
                                                kv_dtype=config["kv_dtype"])}
-    if args.baseline == "llamacpp":
+    if args.baseline == "eager":
+        engines["eager"] = lambda: llmkit_greedy(model, ids, args.gen_len, kv_dtype=config["kv_dtype"])
+        described = "llmkit's eager decode of the same model"
+    elif args.baseline == "llamacpp":
         from llama_cpp import Llama
 
         llm = Llama(model_path=model.source, n_ctx=args.prompt_len + args.gen_len, n_batch=args.prompt_len,
@@ -79,7 +89,7 @@ def main() -> None:
     ratios = [x["ratio"] for x in rounds]
     summary = {name: statistics.median(x[name] for x in rounds) for name in engines}
     record = {
-        "benchmark": "interleaved_decode", "source": SOURCE, "path": model.source,
+        "benchmark": "interleaved_decode", "source": args.source, "path": model.source, "prompt": prompt,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
                     "torch": torch.__version__},
